@@ -1,0 +1,5 @@
+import sys
+
+from heimdall.cli import main
+
+sys.exit(main())

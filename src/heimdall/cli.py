@@ -1,0 +1,113 @@
+"""``heimdall <verb>``: one verb per pipeline stage (dvc.yaml calls these), plus helpers.
+
+Errors in the user's input or environment print one line and exit 1; Ctrl-C exits 130.
+Either way a stage leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+# Nothing phones home: set before dvc / mlflow are imported anywhere in this process.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from heimdall import __version__  # noqa: E402
+from heimdall.errors import HeimdallError  # noqa: E402
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def _cmd_export_sessions(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import export_sessions
+
+    return export_sessions.run(load_params(args.params), args.out, progress=not args.no_progress)
+
+
+def _cmd_extract_features(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import extract_features
+
+    return extract_features.run(load_params(args.params), args.sessions, args.out, progress=not args.no_progress)
+
+
+def _cmd_validate(args) -> dict:
+    from heimdall.params import load_params
+
+    load_params(args.params)
+    return {"params": str(args.params), "valid": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heimdall",
+        description="Heimdall training pipeline: locate 2 m / 70 cm transmitters from WebSDR receivers. "
+        "Each verb is one DVC stage and reads its section of params.yaml; run them all with `dvc repro`.",
+    )
+    parser.add_argument("--version", action="version", version=f"heimdall {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser(
+        "export-sessions",
+        help="labelled sessions (simulator or PostgreSQL+S3) -> data/sessions.h5",
+        description="Export labelled recording sessions to one HDF5 file. source: synthetic simulates a "
+        "WebSDR campaign from params.yaml (scenario, export_sessions); source: postgres reads approved "
+        "sessions from HEIMDALL_DB_URL and IQ from S3.",
+    )
+    _common(p)
+    p.add_argument("--out", type=Path, default=Path("data/sessions.h5"), help="output file (default: %(default)s)")
+    p.set_defaults(func=_cmd_export_sessions)
+
+    p = sub.add_parser(
+        "extract-features",
+        help="data/sessions.h5 -> data/features.h5 (log-mel, RSS/SNR, ENU targets, split, normalisation)",
+        description="Compute per-receiver log-mel spectrograms (torchaudio) and scalar features, ENU "
+        "positions, the train/val/test split and training-set normalisation statistics.",
+    )
+    _common(p)
+    p.add_argument("--sessions", type=Path, default=Path("data/sessions.h5"), help="input (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("data/features.h5"), help="output file (default: %(default)s)")
+    p.set_defaults(func=_cmd_extract_features)
+
+    p = sub.add_parser("validate", help="check a params file against the schema", description="Validate params.yaml: "
+                       "every problem is listed with its dotted key path.")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    p.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM (dvc, CI, kill) unwinds like Ctrl-C, so temporary outputs are cleaned up.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    t0 = time.perf_counter()
+    try:
+        summary = args.func(args)
+    except HeimdallError as e:
+        print(f"heimdall {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"heimdall {args.verb}: interrupted; no output written", file=sys.stderr)
+        return 130
+    summary = {**summary, "wall_time_s": round(time.perf_counter() - t0, 2)}
+    print(f"heimdall {args.verb}: " + json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The HDF5 data contracts, declared once. docs/data-contracts.md mirrors these tables and a
+test keeps the two in step; readers validate every file against them before using it.
+
+Dimension symbols: N sessions, R receivers, S IQ samples, M mel bands, F frames.
+dtype "str" is a variable-length UTF-8 string; "bool" is stored as HDF5 enum-bool (numpy bool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from heimdall.errors import HeimdallError
+
+SESSIONS_FORMAT = "heimdall.sessions"
+FEATURES_FORMAT = "heimdall.features"
+FORMAT_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Field:
+    path: str
+    dtype: str
+    shape: tuple[str, ...]
+    unit: str
+    description: str
+
+
+SESSIONS_LAYOUT: tuple[Field, ...] = (
+    Field("receivers/name", "str", ("R",), "", "station name, unique"),
+    Field("receivers/station_id", "str", ("R",), "", "source-specific station id (UUID for postgres)"),
+    Field("receivers/latitude_deg", "float64", ("R",), "deg", "WGS-84 latitude"),
+    Field("receivers/longitude_deg", "float64", ("R",), "deg", "WGS-84 longitude"),
+    Field("receivers/altitude_m", "float64", ("R",), "m", "antenna altitude above sea level"),
+    Field("sessions/session_id", "str", ("N",), "", "unique session id"),
+    Field("sessions/group_id", "str", ("N",), "", "known source / transmitter track the session belongs to"),
+    Field("sessions/start_time_unix_s", "float64", ("N",), "s", "session start, UTC seconds since 1970"),
+    Field("sessions/frequency_hz", "float64", ("N",), "Hz", "carrier frequency"),
+    Field("sessions/tx_latitude_deg", "float64", ("N",), "deg", "ground-truth transmitter latitude"),
+    Field("sessions/tx_longitude_deg", "float64", ("N",), "deg", "ground-truth transmitter longitude"),
+    Field("sessions/tx_power_dbm", "float32", ("N",), "dBm", "hidden truth for evaluation only; NaN if unknown"),
+    Field("measurements/present", "bool", ("N", "R"), "", "receiver delivered a measurement"),
+    Field("measurements/rss_dbm", "float32", ("N", "R"), "dBm", "reported signal strength; NaN if absent"),
+    Field("measurements/snr_db", "float32", ("N", "R"), "dB", "reported SNR; NaN if absent or unknown"),
+    Field("measurements/has_iq", "bool", ("N", "R"), "", "IQ recording available"),
+    Field("measurements/iq", "int16", ("N", "R", "S", "2"), "count", "complex baseband, last axis (I, Q); 0 where no IQ"),
+    Field("measurements/iq_scale", "float32", ("N", "R"), "sqrt(mW)/count", "calibration: iq * iq_scale is the field in sqrt(mW)"),
+)
+SESSIONS_ATTRS: dict[str, str] = {
+    "format": f"'{SESSIONS_FORMAT}'",
+    "format_version": "int, currently 1",
+    "source": "'synthetic' or 'postgres'",
+    "sample_rate_hz": "float, IQ sample rate (all rows)",
+    "n_samples": "int, IQ samples per row (S)",
+    "scenario_json": "synthetic only: the scenario params that define the true radio map",
+    "campaign_seed": "synthetic only: export_sessions.seed",
+}
+
+FEATURES_LAYOUT: tuple[Field, ...] = (
+    Field("receivers/name", "str", ("R",), "", "station name (same order as sessions.h5)"),
+    Field("receivers/latitude_deg", "float64", ("R",), "deg", "WGS-84 latitude"),
+    Field("receivers/longitude_deg", "float64", ("R",), "deg", "WGS-84 longitude"),
+    Field("receivers/altitude_m", "float64", ("R",), "m", "antenna altitude"),
+    Field("receivers/enu_m", "float64", ("R", "3"), "m", "receiver position (east, north, up) in the ENU frame"),
+    Field("sessions/session_id", "str", ("N",), "", "as in sessions.h5"),
+    Field("sessions/group_id", "str", ("N",), "", "as in sessions.h5"),
+    Field("sessions/start_time_unix_s", "float64", ("N",), "s", "as in sessions.h5"),
+    Field("sessions/frequency_hz", "float64", ("N",), "Hz", "as in sessions.h5"),
+    Field("sessions/tx_latitude_deg", "float64", ("N",), "deg", "ground truth"),
+    Field("sessions/tx_longitude_deg", "float64", ("N",), "deg", "ground truth"),
+    Field("sessions/tx_power_dbm", "float32", ("N",), "dBm", "hidden truth (evaluation only)"),
+    Field("sessions/target_enu_m", "float64", ("N", "2"), "m", "ground-truth (east, north) in the ENU frame: the regression target"),
+    Field("sessions/split", "uint8", ("N",), "", "0 train, 1 val, 2 test"),
+    Field("features/logmel_db", "float32", ("N", "R", "M", "F"), "dBm per band", "log-mel power spectrogram; 0 where has_iq is false"),
+    Field("features/rss_dbm", "float32", ("N", "R"), "dBm", "reported signal strength; 0 where absent"),
+    Field("features/snr_db", "float32", ("N", "R"), "dB", "reported SNR; 0 where absent"),
+    Field("features/present", "bool", ("N", "R"), "", "receiver delivered a measurement"),
+    Field("features/has_iq", "bool", ("N", "R"), "", "log-mel computed from IQ"),
+    Field("normalization/logmel_mean_db", "float32", ("M",), "dB", "train-split mean per band over rows with IQ"),
+    Field("normalization/logmel_std_db", "float32", ("M",), "dB", "train-split std per band"),
+    Field("normalization/rss_mean_dbm", "float32", (), "dBm", "train-split mean over present receivers"),
+    Field("normalization/rss_std_db", "float32", (), "dB", "train-split std over present receivers"),
+    Field("normalization/snr_mean_db", "float32", (), "dB", "train-split mean over present receivers"),
+    Field("normalization/snr_std_db", "float32", (), "dB", "train-split std over present receivers"),
+    Field("normalization/target_mean_m", "float64", ("2",), "m", "train-split mean of target_enu_m"),
+    Field("normalization/target_std_m", "float64", ("2",), "m", "train-split std of target_enu_m"),
+)
+FEATURES_ATTRS: dict[str, str] = {
+    "format": f"'{FEATURES_FORMAT}'",
+    "format_version": "int, currently 1",
+    "source": "copied from sessions.h5",
+    "origin_latitude_deg": "ENU origin latitude (deg)",
+    "origin_longitude_deg": "ENU origin longitude (deg)",
+    "origin_altitude_m": "ENU origin altitude (m), 0",
+    "sample_rate_hz": "IQ sample rate the spectrogram was computed at",
+    "n_fft": "FFT size", "hop_length": "STFT hop (samples)", "n_mels": "M", "n_frames": "F",
+    "split_strategy": "random | spatial_blocks | by_group",
+    "scenario_json": "synthetic only: copied from sessions.h5",
+}
+
+
+def _dtype_ok(ds: h5py.Dataset, dtype: str) -> bool:
+    if dtype == "str":
+        return h5py.check_string_dtype(ds.dtype) is not None
+    return ds.dtype == np.dtype(dtype)
+
+
+def open_checked(path: str | Path, fmt: str) -> h5py.File:
+    """Open a Heimdall HDF5 file read-only, or raise a one-line HeimdallError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise HeimdallError(f"{path}: file not found (run the previous stage first)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise HeimdallError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}") from None
+    if f.attrs.get("format") != fmt:
+        f.close()
+        raise HeimdallError(f"{path}: attribute 'format' is {f.attrs.get('format')!r}, expected {fmt!r}")
+    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+        f.close()
+        raise HeimdallError(f"{path}: unsupported format_version {f.attrs.get('format_version')!r}")
+    return f
+
+
+def validate_layout(f: h5py.File, layout: tuple[Field, ...], path: str | Path) -> dict[str, int]:
+    """Check every dataset of ``layout`` exists with its dtype and consistent shapes.
+
+    Returns the resolved dimension sizes, e.g. {"N": 6000, "R": 7, ...}.
+    """
+    dims: dict[str, int] = {}
+    for fld in layout:
+        if fld.path not in f:
+            raise HeimdallError(f"{path}: missing dataset '{fld.path}'")
+        ds = f[fld.path]
+        if not isinstance(ds, h5py.Dataset):
+            raise HeimdallError(f"{path}: '{fld.path}' is not a dataset")
+        if not _dtype_ok(ds, fld.dtype):
+            raise HeimdallError(f"{path}: dataset '{fld.path}' has dtype {ds.dtype}, expected {fld.dtype}")
+        if len(ds.shape) != len(fld.shape):
+            raise HeimdallError(f"{path}: dataset '{fld.path}' has shape {ds.shape}, expected {fld.shape}")
+        for sym, size in zip(fld.shape, ds.shape):
+            expected = int(sym) if sym.isdigit() else dims.setdefault(sym, size)
+            if size != expected:
+                raise HeimdallError(
+                    f"{path}: dataset '{fld.path}' has shape {ds.shape}; dimension {sym} should be {expected}"
+                )
+    return dims
+
+
+def create(f: h5py.File, fld: Field, shape: tuple[int, ...], **kwargs) -> h5py.Dataset:
+    dtype = STR if fld.dtype == "str" else np.dtype(fld.dtype)
+    return f.create_dataset(fld.path, shape=shape, dtype=dtype, **kwargs)
+
+
+def field(layout: tuple[Field, ...], path: str) -> Field:
+    for fld in layout:
+        if fld.path == path:
+            return fld
+    raise KeyError(path)

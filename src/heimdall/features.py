@@ -1,0 +1,83 @@
+"""Per-receiver IQ -> log-mel spectrogram, computed with torchaudio.
+
+One implementation serves extract_features and ``heimdall predict``. Complex baseband has a
+two-sided spectrum (the carrier sits at 0 Hz, the FM sidebands on both sides), so the mel
+filterbank is mirrored: n_mels/2 bands from the carrier outwards on each side, fine near the
+carrier where an NBFM voice signal puts its energy. Levels are calibrated: every band is the
+power in that band in dBm (Parseval-normalised), so a 10 dB stronger signal reads 10 dB higher.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchaudio
+
+# Floor added before the log: -200 dBm, far below any thermal noise floor.
+POWER_FLOOR_MW = 1e-20
+
+
+def hop_length_for(n_samples: int, n_fft: int, n_frames: int) -> int:
+    """Hop so that exactly ``n_frames`` un-padded frames cover the recording."""
+    if n_samples < n_fft:
+        raise ValueError(f"IQ has {n_samples} samples, fewer than n_fft={n_fft}")
+    if n_frames == 1:
+        return n_fft
+    hop = (n_samples - n_fft) // (n_frames - 1)
+    if hop < 1:
+        raise ValueError(f"{n_samples} samples cannot give {n_frames} frames of n_fft={n_fft}")
+    return hop
+
+
+def two_sided_mel_filterbank(n_fft: int, n_mels: int, sample_rate: float) -> torch.Tensor:
+    """(n_fft, n_mels) weights for an FFT in natural order (0..fs/2, then -fs/2..0)."""
+    half = torchaudio.functional.melscale_fbanks(
+        n_freqs=n_fft // 2 + 1,
+        f_min=0.0,
+        f_max=sample_rate / 2,
+        n_mels=n_mels // 2,
+        sample_rate=int(sample_rate),
+        norm=None,
+        mel_scale="htk",
+    )  # (n_fft/2 + 1, n_mels/2): bins at |f| = k fs / n_fft
+    fb = torch.zeros(n_fft, n_mels)
+    k = torch.arange(n_fft)
+    abs_bin = torch.where(k <= n_fft // 2, k, n_fft - k)  # |f| of each natural-order bin
+    positive = k <= n_fft // 2
+    # columns ordered by frequency: negative side (outermost first), then positive side
+    fb[positive, n_mels // 2 :] = half[abs_bin[positive]]
+    fb[~positive, : n_mels // 2] = half[abs_bin[~positive]].flip(-1)
+    return fb
+
+
+class LogMelFrontend(torch.nn.Module):
+    """complex IQ (..., S) in sqrt(mW) -> log-mel power (..., n_mels, n_frames) in dBm per band."""
+
+    def __init__(self, sample_rate: float, n_samples: int, n_fft: int, n_mels: int, n_frames: int):
+        super().__init__()
+        self.n_frames = n_frames
+        self.hop_length = hop_length_for(n_samples, n_fft, n_frames)
+        self.spectrogram = torchaudio.transforms.Spectrogram(
+            n_fft=n_fft,
+            hop_length=self.hop_length,
+            center=False,
+            power=2.0,
+            onesided=False,
+            normalized=False,
+        )
+        window = torch.hann_window(n_fft)
+        # Parseval: sum_k |X_k|^2 = n_fft * sum_n |x_n w_n|^2, so this makes bins sum to power.
+        self.register_buffer("power_scale", 1.0 / (n_fft * window.pow(2).sum()), persistent=False)
+        self.register_buffer("mel_fb", two_sided_mel_filterbank(n_fft, n_mels, sample_rate), persistent=False)
+
+    def forward(self, iq: torch.Tensor) -> torch.Tensor:
+        spec = self.spectrogram(iq)[..., : self.n_frames]  # (..., n_fft, F), natural bin order
+        mel = torch.einsum("...kf,km->...mf", spec * self.power_scale, self.mel_fb)
+        return 10.0 * torch.log10(mel + POWER_FLOOR_MW)
+
+
+def iq_int16_to_complex(iq: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """(..., S, 2) int16 counts and (...) scale -> complex64 tensor (..., S) in sqrt(mW)."""
+    t = torch.from_numpy(np.ascontiguousarray(iq)).to(torch.float32)
+    t = t * torch.from_numpy(np.asarray(scale, dtype=np.float32))[..., None, None]
+    return torch.view_as_complex(t)

@@ -1,0 +1,173 @@
+"""Typed schema of params.yaml: one section per stage, validated before any work.
+
+Every stage calls :func:`load_params` first; a bad file fails with one line that
+lists every problem by its dotted key path (``export_sessions.n_sessions: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from heimdall.errors import HeimdallError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Receiver(_Section):
+    name: str = Field(min_length=1)
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+    altitude_m: float = Field(ge=-500, le=9000)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ScenarioParams(_Section):
+    """The simulated world: receivers, propagation and the campaign's statistics."""
+
+    seed: int = Field(ge=0)
+    receivers: list[Receiver]
+    area_margin_km: float = Field(ge=0, le=500)
+    frequency_mhz: float = Field(gt=1, le=6000)
+    tx_power_dbm: tuple[float, float]
+    path_loss_model: Literal["log_distance"]
+    path_loss_exponent: float = Field(ge=1.5, le=6)
+    tx_height_m: float = Field(gt=0, le=200)
+    shadowing_sigma_db: float = Field(ge=0, le=20)
+    shadowing_correlation_km: PositiveFloat
+    shadowing_n_features: int = Field(ge=16, le=16384)
+    receiver_gain_offset_db: float = Field(ge=0, le=20)
+    noise_floor_dbm: float = Field(ge=-180, le=-50)
+    noise_floor_spread_db: float = Field(ge=0, le=20)
+    noise_bandwidth_hz: PositiveFloat
+    rician_k_db: tuple[float, float]
+    doppler_hz: tuple[float, float]
+    fm_deviation_hz: PositiveFloat
+    outage_probability: float = Field(ge=0, lt=1)
+
+    @field_validator("receivers")
+    @classmethod
+    def _at_least_three(cls, v: list[Receiver]) -> list[Receiver]:
+        if len(v) < 3:
+            raise ValueError(f"needs at least 3 receivers to localize, got {len(v)}")
+        names = [r.name for r in v]
+        if len(set(names)) != len(names):
+            raise ValueError("receiver names must be unique")
+        return v
+
+    @field_validator("tx_power_dbm", "rician_k_db", "doppler_hz")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"range must be [low, high], got {list(v)}")
+        return v
+
+    @field_validator("doppler_hz")
+    @classmethod
+    def _non_negative(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] < 0:
+            raise ValueError("Doppler must be >= 0 Hz")
+        return v
+
+
+class PostgresSourceParams(_Section):
+    """Filters for ``source: postgres`` (the connection itself comes from HEIMDALL_DB_URL)."""
+
+    s3_bucket: str = "heimdall-raw-iq"
+    start_time: str | None = None
+    end_time: str | None = None
+    frequency_min_hz: float | None = None
+    frequency_max_hz: float | None = None
+    min_receivers: int = Field(default=1, ge=1)
+    validated_sources_only: bool = False
+
+
+class ExportSessionsParams(_Section):
+    source: Literal["synthetic", "postgres"]
+    seed: int = Field(ge=0)
+    n_sessions: int = Field(gt=0, le=10_000_000)
+    sample_rate_hz: int = Field(gt=0, le=10_000_000)
+    duration_s: PositiveFloat
+    iq_storage: Literal["int16"] = "int16"
+    postgres: PostgresSourceParams = PostgresSourceParams()
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "ExportSessionsParams":
+        if self.n_samples < 64:
+            raise ValueError(
+                f"sample_rate_hz * duration_s = {self.n_samples} samples; need at least 64"
+            )
+        return self
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.sample_rate_hz * self.duration_s))
+
+
+class SplitParams(_Section):
+    strategy: Literal["random", "spatial_blocks", "by_group"]
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    block_size_km: PositiveFloat = 10.0
+    seed: int = Field(ge=0)
+
+
+class ExtractFeaturesParams(_Section):
+    n_fft: int = Field(ge=16, le=8192)
+    n_mels: int = Field(ge=2, le=512)
+    n_frames: int = Field(ge=1, le=4096)
+    batch_sessions: int = Field(ge=1, le=100_000)
+    origin: tuple[float, float] | None = None
+    split: SplitParams
+
+    @field_validator("n_mels")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("n_mels must be even (half the bands each side of the carrier)")
+        return v
+
+
+class Params(_Section):
+    """The whole params.yaml. Sections of later stages are optional until those stages exist."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    scenario: ScenarioParams
+    export_sessions: ExportSessionsParams
+    extract_features: ExtractFeaturesParams
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        problems.append(f"{path}: {e['msg']}")
+    return f"{source}: invalid params: " + "; ".join(problems)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise HeimdallError with every problem on one line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise HeimdallError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise HeimdallError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise HeimdallError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise HeimdallError(_format_errors(e, str(path))) from None

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny but real campaigns written by the real stages (no mocks)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from heimdall.params import load_params
+from heimdall.stages import export_sessions, extract_features
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests that shell out (dvc, the CLI) need the environment's scripts on PATH and a git identity.
+os.environ.setdefault("GIT_AUTHOR_NAME", "heimdall-tests")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@heimdall.invalid")
+os.environ.setdefault("GIT_COMMITTER_NAME", "heimdall-tests")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@heimdall.invalid")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def default_params_dict() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def tiny_params_dict(n_sessions: int = 160, **overrides) -> dict:
+    """The default params with a small campaign; overrides are 'section.key' -> value."""
+    d = copy.deepcopy(default_params_dict())
+    d["export_sessions"]["n_sessions"] = n_sessions
+    d["extract_features"]["batch_sessions"] = 32
+    for dotted, value in overrides.items():
+        node = d
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    return d
+
+
+def write_params(path: Path, d: dict) -> Path:
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_params(tmp_path):
+    """Factory: write a tiny params.yaml (with overrides) into tmp_path and return its path."""
+
+    def _make(n_sessions: int = 160, name: str = "params.yaml", **overrides) -> Path:
+        return write_params(tmp_path / name, tiny_params_dict(n_sessions, **overrides))
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_campaign(tmp_path_factory):
+    """(params, sessions.h5, features.h5) of a 240-session campaign, built once per test run."""
+    d = tmp_path_factory.mktemp("campaign")
+    params = load_params(write_params(d / "params.yaml", tiny_params_dict(240)))
+    sessions = d / "sessions.h5"
+    features = d / "features.h5"
+    export_sessions.run(params, sessions, progress=False)
+    extract_features.run(params, sessions, features, progress=False)
+    return params, sessions, features

@@ -1,0 +1,96 @@
+"""dvc repro in a temporary git repo: exactly the stages a change affects rerun."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _run(args, cwd) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture
+def pipeline_repo(tmp_path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(48), sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    _run(["dvc", "config", "core.autostage", "false"], repo)
+    return repo
+
+
+def _set_param(repo: Path, dotted: str, value) -> None:
+    d = yaml.safe_load((repo / "params.yaml").read_text())
+    node = d
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        node = node[k]
+    node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+def test_only_changed_stages_rerun(pipeline_repo):
+    repo = pipeline_repo
+    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+    assert (repo / "data/sessions.h5").exists() and (repo / "data/features.h5").exists()
+
+    # nothing changed: nothing runs
+    assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+    # an extract_features param: only extract_features
+    _set_param(repo, "extract_features.n_mels", 32)
+    status = _run(["dvc", "status"], repo)
+    assert "extract_features" in status and "export_sessions" not in status
+    assert _ran(_run(["dvc", "repro"], repo)) == {"extract_features"}
+
+    # a scenario param: both stages
+    _set_param(repo, "scenario.shadowing_sigma_db", 5.0)
+    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+
+    # an export_sessions param: both stages
+    _set_param(repo, "export_sessions.n_sessions", 40)
+    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+
+    # a source file of extract_features only: only extract_features
+    with open(repo / "src/heimdall/splits.py", "a") as fh:
+        fh.write("\n# touched\n")
+    assert _ran(_run(["dvc", "repro"], repo)) == {"extract_features"}
+    assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+
+def test_failed_stage_leaves_no_output(pipeline_repo):
+    repo = pipeline_repo
+    _set_param(repo, "extract_features.n_fft", 100000)  # invalid: longer than the IQ (and schema max)
+    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "extract_features.n_fft" in proc.stderr + proc.stdout
+    assert not (repo / "data/features.h5").exists()
+    assert not list((repo / "data").glob(".*tmp*"))

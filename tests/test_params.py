@@ -1,0 +1,86 @@
+"""Bad params -> one-line error naming the key, exit 1, no output file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from heimdall.cli import main
+
+
+def _run_export(params_path, out, capsys):
+    code = main(["export-sessions", "--params", str(params_path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"export_sessions.source": "kafka"}, "export_sessions.source"),
+        ({"export_sessions.n_sessions": -5}, "export_sessions.n_sessions"),
+        ({"export_sessions.n_sessions": 0}, "export_sessions.n_sessions"),
+        ({"export_sessions.sample_rate_hz": 0}, "export_sessions.sample_rate_hz"),
+        ({"export_sessions.sample_rate_hz": -12000}, "export_sessions.sample_rate_hz"),
+        ({"export_sessions.duration_s": 0}, "export_sessions.duration_s"),
+        ({"scenario.shadowing_sigma_db": -1}, "scenario.shadowing_sigma_db"),
+        ({"scenario.tx_power_dbm": [47, 30]}, "scenario.tx_power_dbm"),
+        ({"extract_features.n_mels": 63}, "extract_features.n_mels"),
+        ({"extract_features.split.strategy": "alphabetical"}, "extract_features.split.strategy"),
+    ],
+)
+def test_bad_param_is_one_line_error_and_no_output(make_params, tmp_path, capsys, override, expected):
+    out = tmp_path / "sessions.h5"
+    code, err = _run_export(make_params(**override), out, capsys)
+    assert code == 1
+    assert len(err.splitlines()) == 1, err
+    assert expected in err
+    assert not out.exists()
+
+
+def test_fewer_than_three_receivers_rejected(make_params, tmp_path, capsys):
+    from conftest import tiny_params_dict, write_params
+
+    d = tiny_params_dict()
+    d["scenario"]["receivers"] = d["scenario"]["receivers"][:2]
+    out = tmp_path / "sessions.h5"
+    code, err = _run_export(write_params(tmp_path / "p.yaml", d), out, capsys)
+    assert code == 1 and "scenario.receivers" in err and "at least 3" in err
+    assert not out.exists()
+
+
+def test_all_problems_listed_together_and_unknown_keys(make_params, capsys):
+    path = make_params(**{"export_sessions.n_sessions": 0, "extract_features.n_fftt": 128})
+    assert main(["validate", "--params", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "export_sessions.n_sessions" in err and "extract_features.n_fftt" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_previous_output_left_intact_when_stage_fails(make_params, tmp_path, capsys):
+    out = tmp_path / "sessions.h5"
+    out.write_bytes(b"output of an earlier run")
+    code, _ = _run_export(make_params(**{"export_sessions.n_sessions": 0}), out, capsys)
+    assert code == 1 and out.read_bytes() == b"output of an earlier run"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+def test_cli_exit_code_in_a_real_process(make_params, tmp_path):
+    out = tmp_path / "sessions.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "heimdall", "export-sessions", "--params",
+         str(make_params(**{"export_sessions.source": "kafka"})), "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("heimdall export-sessions: error:")
+    assert not out.exists()
+
+
+def test_help_for_every_verb():
+    for verb in ("export-sessions", "extract-features", "validate"):
+        proc = subprocess.run([sys.executable, "-m", "heimdall", verb, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "--params" in proc.stdout
