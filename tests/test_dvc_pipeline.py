@@ -58,38 +58,39 @@ def _set_param(repo: Path, dotted: str, value) -> None:
 
 
 def test_only_changed_stages_rerun(pipeline_repo):
+    """The data half of the pipeline (`dvc repro extract_features` runs it and its upstream)."""
     repo = pipeline_repo
-    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"export_sessions", "extract_features"}
     assert (repo / "data/sessions.h5").exists() and (repo / "data/features.h5").exists()
 
     # nothing changed: nothing runs
-    assert _ran(_run(["dvc", "repro"], repo)) == set()
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == set()
 
     # an extract_features param: only extract_features
     _set_param(repo, "extract_features.n_mels", 32)
-    status = _run(["dvc", "status"], repo)
+    status = _run(["dvc", "status", "extract_features"], repo)
     assert "extract_features" in status and "export_sessions" not in status
-    assert _ran(_run(["dvc", "repro"], repo)) == {"extract_features"}
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"extract_features"}
 
     # a scenario param: both stages
     _set_param(repo, "scenario.shadowing_sigma_db", 5.0)
-    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"export_sessions", "extract_features"}
 
     # an export_sessions param: both stages
     _set_param(repo, "export_sessions.n_sessions", 40)
-    assert _ran(_run(["dvc", "repro"], repo)) == {"export_sessions", "extract_features"}
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"export_sessions", "extract_features"}
 
     # a source file of extract_features only: only extract_features
     with open(repo / "src/heimdall/splits.py", "a") as fh:
         fh.write("\n# touched\n")
-    assert _ran(_run(["dvc", "repro"], repo)) == {"extract_features"}
-    assert _ran(_run(["dvc", "repro"], repo)) == set()
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"extract_features"}
+    assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == set()
 
 
 def test_failed_stage_leaves_no_output(pipeline_repo):
     repo = pipeline_repo
     _set_param(repo, "extract_features.n_fft", 100000)  # invalid: longer than the IQ (and schema max)
-    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(["dvc", "repro", "extract_features"], cwd=repo, env=_env(), capture_output=True, text=True)
     assert proc.returncode != 0
     assert "extract_features.n_fft" in proc.stderr + proc.stdout
     assert not (repo / "data/features.h5").exists()

@@ -42,6 +42,14 @@ def _cmd_extract_features(args) -> dict:
     return extract_features.run(load_params(args.params), args.sessions, args.out, progress=not args.no_progress)
 
 
+def _cmd_train(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import train
+
+    return train.run(load_params(args.params), args.features, args.out, args.metrics_dir, args.plots_dir,
+                     progress=not args.no_progress)
+
+
 def _cmd_validate(args) -> dict:
     from heimdall.params import load_params
 
@@ -79,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=Path, default=Path("data/sessions.h5"), help="input (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("data/features.h5"), help="output file (default: %(default)s)")
     p.set_defaults(func=_cmd_extract_features)
+
+    p = sub.add_parser(
+        "train",
+        help="data/features.h5 -> models/model.ckpt, models/metrics/{train,test}.json, models/plots/",
+        description="Fit the learned radio map, train LocalizationNet (Lightning, Gaussian NLL, early stopping), "
+        "calibrate its uncertainty on the validation split and evaluate it on the test split beside the "
+        "baselines (kNN, ML log-distance, kriged map, oracle) and the Cramér-Rao bound. Logs to MLflow "
+        "(MLFLOW_TRACKING_URI, default sqlite:///<repo>/mlflow.db).",
+    )
+    _common(p)
+    p.add_argument("--features", type=Path, default=Path("data/features.h5"), help="input (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("models/model.ckpt"), help="checkpoint (default: %(default)s)")
+    p.add_argument("--metrics-dir", type=Path, default=Path("models/metrics"), help="(default: %(default)s)")
+    p.add_argument("--plots-dir", type=Path, default=Path("models/plots"), help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a params file against the schema", description="Validate params.yaml: "
                        "every problem is listed with its dotted key path.")

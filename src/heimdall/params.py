@@ -138,14 +138,59 @@ class ExtractFeaturesParams(_Section):
         return v
 
 
+class ModelParams(_Section):
+    """LocalizationNet architecture (docs/model.md)."""
+
+    inputs: Literal["spectrogram", "scalars", "both"]
+    cnn_width: int = Field(ge=4, le=256)
+    cnn_depth: int = Field(ge=1, le=6)
+    cnn_pool: int = Field(ge=1, le=16)
+    d_model: int = Field(ge=8, le=1024)
+    n_heads: int = Field(ge=1, le=32)
+    n_layers: int = Field(ge=0, le=12)
+    dropout: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelParams":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.cnn_width % 4:
+            raise ValueError(f"cnn_width ({self.cnn_width}) must be a multiple of 4 (GroupNorm groups)")
+        return self
+
+
+class RadioMapParams(_Section):
+    """The learned forward radio map used by the likelihood refinement and the kriged baseline."""
+
+    spacing_km: float = Field(gt=0.05, le=20)
+    margin_km: float = Field(ge=0, le=200)
+    min_snr_db: float = Field(ge=-30, le=60)
+
+
+class TrainParams(_Section):
+    seed: int = Field(ge=0)
+    lr: float = Field(gt=0, le=1)
+    weight_decay: float = Field(ge=0, le=1)
+    batch_size: int = Field(ge=1, le=65536)
+    max_epochs: int = Field(ge=1, le=10000)
+    patience: int = Field(ge=1, le=1000)
+    gradient_clip: float = Field(gt=0)
+    augment_power_db: float = Field(ge=0, le=40)
+    augment_drop_receiver: float = Field(ge=0, lt=1)
+    radio_map: RadioMapParams
+    mlflow_experiment: str = Field(min_length=1)
+
+
 class Params(_Section):
-    """The whole params.yaml. Sections of later stages are optional until those stages exist."""
+    """The whole params.yaml."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     scenario: ScenarioParams
     export_sessions: ExportSessionsParams
     extract_features: ExtractFeaturesParams
+    model: ModelParams
+    train: TrainParams
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -1,0 +1,149 @@
+"""features.h5 -> tensors for training and evaluation (the whole file fits in memory: 6,000
+sessions are ~350 MB of log-mel), plus the Lightning DataModule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from heimdall import contracts as c
+from heimdall.errors import HeimdallError
+
+INPUT_NAMES = ("logmel", "rss_dbm", "snr_db", "present", "has_iq", "receiver_id")
+
+
+@dataclass
+class FeatureSet:
+    logmel: np.ndarray  # (N, R, M, F) f4
+    rss_dbm: np.ndarray  # (N, R) f4
+    snr_db: np.ndarray
+    present: np.ndarray  # (N, R) bool
+    has_iq: np.ndarray
+    target_enu_m: np.ndarray  # (N, 2) f8
+    split: np.ndarray  # (N,) u1
+    session_id: np.ndarray
+    tx_power_dbm: np.ndarray
+    frequency_hz: np.ndarray  # (N,)
+    receiver_names: list[str]
+    receiver_enu_m: np.ndarray  # (R, 3)
+    receiver_latlon: np.ndarray  # (R, 3) lat, lon, alt
+    origin: tuple[float, float, float]
+    normalization: dict[str, np.ndarray]
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def n_receivers(self) -> int:
+        return len(self.receiver_names)
+
+    def indices(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.split == c.SPLIT_CODES[name])
+
+    def scenario_json(self) -> str | None:
+        return self.attrs.get("scenario_json")
+
+    def rss_view(self) -> dict:
+        """The RSS-only view the baselines take (same keys as baselines.load_rss_features)."""
+        return {
+            "rss": self.rss_dbm.astype(np.float64), "snr": self.snr_db.astype(np.float64),
+            "present": self.present, "rx_enu": self.receiver_enu_m, "pos": self.target_enu_m,
+            "split": self.split, "frequency_hz": self.frequency_hz,
+            "scenario_json": self.scenario_json(), "origin": self.origin,
+        }
+
+    def model_inputs(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The model's six inputs for the given sessions (receiver_id = stored receiver order)."""
+        n = len(idx)
+        rid = np.broadcast_to(np.arange(self.n_receivers), (n, self.n_receivers))
+        return (
+            torch.from_numpy(self.logmel[idx]),
+            torch.from_numpy(self.rss_dbm[idx]),
+            torch.from_numpy(self.snr_db[idx]),
+            torch.from_numpy(self.present[idx].astype(np.float32)),
+            torch.from_numpy(self.has_iq[idx].astype(np.float32)),
+            torch.from_numpy(np.ascontiguousarray(rid, dtype=np.int64)),
+        )
+
+
+def load_features(path: str | Path) -> FeatureSet:
+    """Read and check features.h5: layout, finiteness, non-empty train split."""
+    path = Path(path)
+    with c.open_checked(path, c.FEATURES_FORMAT) as f:
+        c.validate_layout(f, c.FEATURES_LAYOUT, path)
+        try:
+            fs = FeatureSet(
+                logmel=f["features/logmel_db"][()],
+                rss_dbm=f["features/rss_dbm"][()],
+                snr_db=f["features/snr_db"][()],
+                present=f["features/present"][()],
+                has_iq=f["features/has_iq"][()],
+                target_enu_m=f["sessions/target_enu_m"][()],
+                split=f["sessions/split"][()],
+                session_id=f["sessions/session_id"].asstr()[()],
+                tx_power_dbm=f["sessions/tx_power_dbm"][()],
+                frequency_hz=f["sessions/frequency_hz"][()],
+                receiver_names=list(f["receivers/name"].asstr()[()]),
+                receiver_enu_m=f["receivers/enu_m"][()],
+                receiver_latlon=np.stack(
+                    [f["receivers/latitude_deg"][()], f["receivers/longitude_deg"][()], f["receivers/altitude_m"][()]], 1
+                ),
+                origin=(float(f.attrs["origin_latitude_deg"]), float(f.attrs["origin_longitude_deg"]),
+                        float(f.attrs["origin_altitude_m"])),
+                normalization={k: np.asarray(f[f"normalization/{k}"][()]) for k in f["normalization"]},
+                attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+            )
+        except (OSError, KeyError) as e:
+            raise HeimdallError(f"{path}: read failed (truncated or corrupt?): {e}") from None
+    for name in ("logmel", "rss_dbm", "snr_db", "target_enu_m"):
+        arr = getattr(fs, name)
+        if not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise HeimdallError(f"{path}: non-finite value in '{name}' at index {tuple(int(i) for i in bad)}")
+    for k, v in fs.normalization.items():
+        if not np.isfinite(v).all():
+            raise HeimdallError(f"{path}: non-finite normalization statistic '{k}'")
+    if len(fs.indices("train")) == 0:
+        raise HeimdallError(f"{path}: the train split is empty")
+    if len(fs.indices("val")) == 0:
+        raise HeimdallError(f"{path}: the val split is empty (early stopping and calibration need it)")
+    if len(fs.indices("test")) == 0:
+        raise HeimdallError(f"{path}: the test split is empty")
+    return fs
+
+
+def _dataset(fs: FeatureSet, idx: np.ndarray, include_logmel: bool) -> TensorDataset:
+    inputs = list(fs.model_inputs(idx))
+    if not include_logmel:  # RSS-only model: do not carry 350 MB of spectrograms around
+        inputs[0] = torch.zeros(len(idx), 1, 1, 1)
+    target = torch.from_numpy(fs.target_enu_m[idx].astype(np.float32))
+    return TensorDataset(*inputs, target)
+
+
+class LocalizationDataModule(L.LightningDataModule):
+    def __init__(self, features: FeatureSet, batch_size: int, include_logmel: bool, seed: int):
+        super().__init__()
+        self.fs = features
+        n_train = len(features.indices("train"))
+        # A batch larger than the training split would make one ragged epoch: clamp it.
+        self.batch_size = min(batch_size, n_train)
+        self.include_logmel = include_logmel
+        self.seed = seed
+        self.train_set = _dataset(features, features.indices("train"), include_logmel)
+        self.val_set = _dataset(features, features.indices("val"), include_logmel)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
+
+
+def metadata_json(fs: FeatureSet) -> str:
+    return json.dumps({"receivers": fs.receiver_names, "origin": fs.origin}, sort_keys=True)

@@ -1,0 +1,96 @@
+"""MLflow tracking: where runs go, and the lineage tags every run carries.
+
+Default store: an embedded SQLite database at ``<repo>/mlflow.db`` with artifacts under
+``<repo>/mlartifacts`` — an absolute path at the repository root (``DVC_ROOT`` when DVC runs the
+stage), so `dvc repro`, `dvc exp run` and queued experiments all log to one place.
+``MLFLOW_TRACKING_URI`` overrides it (e.g. an MLflow server backed by PostgreSQL + S3).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def repo_root() -> Path:
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB}"
+
+
+def artifact_location() -> str | None:
+    """Artifact root for experiments created here (only for the embedded default store)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # the server decides
+    return (repo_root() / DEFAULT_ARTIFACTS).as_uri()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo_root())
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_lock_md5(path: str | Path) -> str:
+    """md5 DVC recorded in dvc.lock for an output path ('unknown' outside a DVC pipeline)."""
+    lock = repo_root() / "dvc.lock"
+    try:
+        stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "unknown"
+    target = Path(path).as_posix()
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") == target:
+                return str(out.get("md5", "unknown"))
+    return "unknown"
+
+
+def run_tags(features_path: str | Path) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "features_md5": dvc_lock_md5(features_path)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def mlflow_logger(params):
+    """Lightning's MLFlowLogger on the project's store, with the params this stage used."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(
+        experiment_name=params.train.mlflow_experiment,
+        tracking_uri=tracking_uri(),
+        artifact_location=artifact_location(),
+        run_name=os.environ.get("DVC_EXP_NAME") or None,
+        log_model=False,
+    )
+    used = {s: params.model_dump(mode="json")[s] for s in ("extract_features", "model", "train")}
+    logger.log_hyperparams(flatten(used))
+    return logger

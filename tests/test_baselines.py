@@ -1,0 +1,173 @@
+"""Radio maps and classical baselines behave as the physics says (real scenarios, no mocks)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from conftest import default_params_dict
+
+from heimdall.baselines import KNN_K_CANDIDATES, crlb_rmse, evaluate_baselines, grid_mle, knn, tune_knn_k
+from heimdall.params import ScenarioParams
+from heimdall.radiomap import (
+    RadioMapGrid,
+    ResidualGP,
+    _rbf,
+    fit_kriged_map,
+    fit_log_distance,
+    profile_tx_power,
+)
+from heimdall.simulator import Scenario, free_space_loss_1km_db
+
+
+def _scenario(**overrides) -> Scenario:
+    d = copy.deepcopy(default_params_dict()["scenario"])
+    d.update(overrides)
+    return Scenario(ScenarioParams.model_validate(d))
+
+
+@pytest.fixture(scope="module")
+def scenario() -> Scenario:
+    return _scenario()
+
+
+def _sessions(scenario: Scenario, n: int, seed: int, fading_db: float, margin_m: float = 0.0):
+    """Transmitters uniform in the area (shrunk by margin_m), powers uniform in the configured range,
+    measured RSS = true mean + Gaussian fading; 10% outages. Returns (pos, power, rss, present)."""
+    rng = np.random.default_rng(seed)
+    e0, e1, n0, n1 = scenario.area
+    pos = np.stack([rng.uniform(e0 + margin_m, e1 - margin_m, n), rng.uniform(n0 + margin_m, n1 - margin_m, n)], 1)
+    power = rng.uniform(*scenario.params.tx_power_dbm, n)
+    mean = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], power)
+    rss = mean + fading_db * rng.standard_normal(mean.shape)
+    present = rng.random(mean.shape) >= 0.1
+    return pos, power, rss, present
+
+
+def test_oracle_mle_recovers_noise_free_position_within_a_cell(scenario):
+    spacing = 1000.0
+    grid = RadioMapGrid.from_scenario(scenario, scenario.area, spacing, sigma_db=2.0)
+    pos, power, rss, present = _sessions(scenario, 40, seed=1, fading_db=0.0, margin_m=5e3)
+    rss = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], power)  # exactly the true map
+    present[:20] = True  # half with every receiver, half with random outages
+    # Three readings fit (east, north, power) exactly at more than one place: keep >= 4.
+    present[present.sum(axis=1) < 4] = True
+    est, extras = grid_mle(grid, rss, present)
+    err = np.linalg.norm(est - pos, axis=1)
+    assert err.max() < spacing, err.max()
+    assert np.abs(extras["tx_power_dbm"] - power).max() < 1.0  # the oracle map is absolute
+    assert not extras["fallback"].any()
+
+
+def test_grid_sample_is_exact_for_a_linear_map():
+    def plane(east, north):
+        return np.stack([0.001 * east - 0.002 * north + 3.0, -0.0005 * east + 1.0], axis=-1)
+
+    grid = RadioMapGrid.from_function(plane, (-5e3, 5e3, -3e3, 4e3), 700.0, sigma_db=[1.0, 1.0])
+    rng = np.random.default_rng(0)
+    e, n = rng.uniform(-5e3, 4.8e3, 100), rng.uniform(-3e3, 3.9e3, 100)
+    np.testing.assert_allclose(grid.sample(e, n), plane(e, n), atol=1e-3)  # float32 storage
+    assert grid.sample(e.reshape(10, 10), n.reshape(10, 10)).shape == (10, 10, 2)
+
+
+def test_log_distance_fit_recovers_exponent_and_gains_without_shadowing():
+    world = _scenario(shadowing_sigma_db=0.0)
+    pos, _, rss, present = _sessions(world, 400, seed=2, fading_db=1.0)
+    anchor = -free_space_loss_1km_db(world.params.frequency_mhz)
+    model = fit_log_distance(rss, present, world.rx_enu, pos, anchor_offset_db=anchor)
+    assert abs(model.exponent - world.params.path_loss_exponent) < 0.2
+    # Receiver constants = -FSPL(1 km) + gain, identifiable up to their common mean.
+    gains = world.gain_offset_db - world.gain_offset_db.mean()
+    np.testing.assert_allclose(model.offset_db - anchor, gains, atol=0.3)
+    np.testing.assert_allclose(model.sigma_db, 1.0, atol=0.15)  # the residual is the added noise
+
+
+def test_kriged_map_reduces_held_out_residual_vs_log_distance(scenario):
+    pos, _, rss, present = _sessions(scenario, 1500, seed=3, fading_db=2.0)
+    train, held = slice(0, 1200), slice(1200, None)
+    law = fit_log_distance(rss[train], present[train], scenario.rx_enu, pos[train])
+    kriged = fit_kriged_map(rss[train], present[train], scenario.rx_enu, pos[train], n_hyper_subsample=300, n_loo=200)
+
+    def held_out_rms(model):
+        _, residual = profile_tx_power(rss[held], model.mean_db(pos[held, 0], pos[held, 1]), present[held])
+        return np.sqrt(np.sum(residual**2) / np.sum(present[held]))
+
+    rms_law, rms_kriged = held_out_rms(law), held_out_rms(kriged)
+    assert rms_kriged < 0.8 * rms_law, (rms_kriged, rms_law)
+    # The grid is a faithful tabulation of the model it came from.
+    grid = RadioMapGrid.from_kriged(kriged, spacing_m=1000.0)
+    e, n = pos[held, 0], pos[held, 1]
+    assert np.abs(grid.sample(e, n) - kriged.mean_db(e, n)).mean() < 0.1
+    assert np.all(np.isfinite(kriged.sigma_db)) and np.all(kriged.sigma_db > 1.0)
+
+
+def test_tiled_gp_prediction_matches_dense_posterior_mean():
+    rng = np.random.default_rng(4)
+    train = rng.uniform(0, 60, (500, 2))
+    gp = ResidualGP(train, rng.standard_normal(500), 0.7, 5.0, 3.5, 2.0)
+    query = rng.uniform(-5, 65, (2000, 2))
+    dense = _rbf(query, train, 5.0, 3.5) @ gp.alpha + 0.7
+    np.testing.assert_allclose(gp.predict(query), dense, atol=1e-5)
+
+
+def test_crlb_is_finite_and_scales_with_sigma(scenario):
+    pos, _, _, present = _sessions(scenario, 50, seed=5, fading_db=0.0)
+    present[:] = True
+    wide, narrow = crlb_rmse(scenario, pos, present, 2.0), crlb_rmse(scenario, pos, present, 1.0)
+    assert np.all(np.isfinite(wide)) and np.all(wide > 0)
+    np.testing.assert_allclose(narrow, wide / 2, rtol=1e-9)
+    per_rx = crlb_rmse(scenario, pos, present, np.full(scenario.n_receivers, 1.0))
+    np.testing.assert_allclose(per_rx, narrow, rtol=1e-9)
+    # Losing receivers can only loosen the bound; with < 3 it is infinite, never NaN.
+    fewer = present.copy()
+    fewer[:, :3] = False
+    assert np.all(crlb_rmse(scenario, pos, fewer, 1.0) >= narrow * (1 - 1e-9))
+    two = np.zeros_like(present)
+    two[:, :2] = True
+    assert np.all(np.isinf(crlb_rmse(scenario, pos, two, 1.0)))
+
+
+def test_fewer_than_three_receivers_gives_finite_fallback(scenario):
+    grid = RadioMapGrid.from_scenario(scenario, scenario.area, 4000.0, sigma_db=2.0)
+    pos, power, rss, present = _sessions(scenario, 6, seed=6, fading_db=0.0)
+    present[:] = True
+    present[0] = False  # nothing heard
+    present[1, 1:] = False  # one receiver
+    present[2, 2:] = False  # two receivers
+    snr = np.full(rss.shape, 30.0)
+    snr[3, :5] = 1.0  # only two readings above the SNR threshold: relax to all present ones
+    est, extras = grid_mle(grid, rss, present, snr, min_snr_db=10.0)
+    assert np.all(np.isfinite(est)) and np.all(np.isfinite(extras["tx_power_dbm"]))
+    assert extras["fallback"].tolist() == [True, True, True, False, False, False]
+    assert extras["n_used"][3] == scenario.n_receivers
+    e0, e1, n0, n1 = grid.bounds
+    assert np.all((est[:, 0] >= e0) & (est[:, 0] <= e1) & (est[:, 1] >= n0) & (est[:, 1] <= n1))
+    # kNN copes with a query that heard nothing, too
+    q = knn(rss[3:], present[3:], pos[3:], rss[:3], present[:3], k=2)
+    assert np.all(np.isfinite(q))
+
+
+def test_knn_tuning_on_a_real_campaign(tiny_campaign):
+    import h5py
+
+    _, _, features = tiny_campaign
+    with h5py.File(features) as f:
+        rss, present = f["features/rss_dbm"][()], f["features/present"][()]
+        pos, split = f["sessions/target_enu_m"][()], f["sessions/split"][()]
+    tr, va = split == 0, split == 1
+    k, errors = tune_knn_k(rss[tr], present[tr], pos[tr], rss[va], present[va], pos[va])
+    assert k in KNN_K_CANDIDATES and set(errors) == set(KNN_K_CANDIDATES)
+    assert all(np.isfinite(v) and v > 0 for v in errors.values())
+    assert errors[k] == min(errors.values())
+
+
+def test_evaluate_baselines_end_to_end(tiny_campaign):
+    _, _, features = tiny_campaign
+    res = evaluate_baselines(features, spacing_m=3000.0)
+    for name in ("knn", "ml_logdistance", "kriged_map", "oracle"):
+        assert np.isfinite(res[name]["mean_error_m"]) and np.isfinite(res[name]["median_error_m"]), name
+        assert res[name]["wall_s"] >= 0
+    assert np.isfinite(res["crlb_rmse_m"]) and res["crlb_rmse_m"] > 0
+    # Sanity, not a benchmark: the true map cannot be beaten by much by a map learned from 168 sessions.
+    assert res["oracle"]["median_error_m"] < res["ml_logdistance"]["median_error_m"]

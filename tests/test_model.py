@@ -1,0 +1,159 @@
+"""LocalizationNet and its loss: closed-form NLL, masks, permutation invariance, learning, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from heimdall.model import LocalizationNet, ModelConfig, chol_2x2, gaussian_nll
+
+R, M, F_ = 7, 16, 8
+
+
+def _norm():
+    return {
+        "logmel_mean_db": torch.full((M,), -140.0), "logmel_std_db": torch.full((M,), 10.0),
+        "rss_mean_dbm": torch.tensor(-95.0), "rss_std_db": torch.tensor(12.0),
+        "snr_mean_db": torch.tensor(30.0), "snr_std_db": torch.tensor(12.0),
+        "target_mean_m": torch.tensor([1000.0, -2000.0]), "target_std_m": torch.tensor([50e3, 40e3]),
+    }
+
+
+def _map():
+    g = torch.stack(torch.meshgrid(torch.linspace(-60e3, 60e3, 25), torch.linspace(-50e3, 50e3, 21), indexing="xy"), -1)
+    grid = g.reshape(-1, 2)
+    rx = torch.randn(R, 2, generator=torch.Generator().manual_seed(3)) * 30e3
+    d = torch.cdist(rx, grid).clamp_min(100.0)
+    return {"mean_db": -75.0 - 30 * torch.log10(d / 1e3), "sigma_db": torch.full((R,), 2.0),
+            "grid_enu_m": grid, "cell_var_m2": torch.tensor(5000.0**2 / 12),
+            "power_range_dbm": torch.tensor([-1000.0, 1000.0])}, rx
+
+
+def _model(inputs="both", with_map=True, seed=0):
+    torch.manual_seed(seed)
+    radio_map, rx = _map()
+    rx_enu = torch.cat([rx, torch.zeros(R, 1)], 1)
+    cfg = ModelConfig(n_receivers=R, n_mels=M, n_frames=F_, inputs=inputs, cnn_width=4, cnn_depth=2, cnn_pool=2,
+                      d_model=16, n_heads=2, n_layers=1)
+    return LocalizationNet(cfg, rx_enu, _norm(), radio_map if with_map else None)
+
+
+def _batch(b=5, seed=0, present=None):
+    g = torch.Generator().manual_seed(seed)
+    if present is None:
+        present = (torch.rand(b, R, generator=g) > 0.3).float()
+    return (
+        -140 + 10 * torch.randn(b, R, M, F_, generator=g),
+        -95 + 12 * torch.randn(b, R, generator=g),
+        30 + 10 * torch.randn(b, R, generator=g),
+        present,
+        present.clone(),
+        torch.arange(R).expand(b, R).clone(),
+    )
+
+
+def test_nll_matches_closed_form():
+    mean = torch.tensor([[1.0, 2.0]])
+    cov = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]])
+    target = torch.tensor([[2.0, 0.5]])
+    d = (target - mean)[0]
+    expected = 0.5 * d @ torch.linalg.inv(cov[0]) @ d + 0.5 * torch.logdet(cov[0]) + math.log(2 * math.pi)
+    assert gaussian_nll(mean, chol_2x2(cov), target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # diagonal special case: sum of two 1-D Gaussian NLLs
+    chol = torch.tensor([[[2.0, 0.0], [0.0, 0.5]]])
+    nll = gaussian_nll(torch.zeros(1, 2), chol, torch.tensor([[1.0, 1.0]])).item()
+    one_d = lambda x, s: 0.5 * (x / s) ** 2 + math.log(s) + 0.5 * math.log(2 * math.pi)
+    assert nll == pytest.approx(one_d(1.0, 2.0) + one_d(1.0, 0.5), rel=1e-6)
+
+
+def test_nll_penalises_overconfidence():
+    target = torch.tensor([[3.0, -4.0]])  # 5 units away
+    nll = lambda s: gaussian_nll(torch.zeros(1, 2), torch.eye(2)[None] * s, target).item()
+    # the NLL is minimised near the true scale (sigma^2 = |d|^2 / 2) and grows fast when too confident
+    assert nll(0.1) > nll(1.0) > nll(5 / math.sqrt(2))
+    assert nll(0.1) - nll(5 / math.sqrt(2)) > 1000
+
+
+@pytest.mark.parametrize("inputs", ["spectrogram", "scalars", "both"])
+def test_shapes_finite_with_random_masks_and_a_single_receiver(inputs):
+    model = _model(inputs).eval()
+    present = (torch.rand(6, R, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    present[0] = 0
+    present[0, 3] = 1  # a single present receiver
+    present[1] = 0
+    present[1, :2] = 1
+    with torch.no_grad():
+        mean, cov = model(*_batch(6, present=present))
+    assert mean.shape == (6, 2) and cov.shape == (6, 2, 2)
+    assert torch.isfinite(mean).all() and torch.isfinite(cov).all()
+    eig = torch.linalg.eigvalsh(cov)
+    assert (eig > 0).all()
+    assert torch.allclose(cov, cov.transpose(1, 2))
+
+
+def test_absent_receivers_inputs_do_not_matter():
+    model = _model().eval()
+    batch = list(_batch(4))
+    absent = batch[3] == 0
+    changed = [t.clone() for t in batch]
+    changed[0][absent] = 999.0
+    changed[1][absent] = 12.0
+    changed[2][absent] = -50.0
+    with torch.no_grad():
+        a, ca = model(*batch)
+        b, cb = model(*changed)
+    assert torch.allclose(a, b, atol=1e-3) and torch.allclose(ca, cb, rtol=1e-4)
+
+
+def test_permutation_of_receivers_leaves_prediction_unchanged():
+    model = _model().eval()
+    batch = _batch(4)
+    perm = torch.tensor([4, 2, 6, 0, 1, 5, 3])
+    permuted = tuple(t[:, perm] for t in batch)
+    with torch.no_grad():
+        a, ca = model(*batch)
+        b, cb = model(*permuted)
+    assert torch.allclose(a, b, atol=1e-2)  # metres
+    assert torch.allclose(ca, cb, rtol=1e-4, atol=1.0)
+
+
+def test_refinement_finds_noise_free_position():
+    # RSS generated exactly from the map: the likelihood peaks at the true cell.
+    model = _model(with_map=True).eval()
+    model.prior_scale.fill_(100.0)  # essentially flat prior
+    grid, mean_db = model.grid_enu_m, model.map_mean_db
+    cell = 200
+    rss = (mean_db[:, cell] + 37.0)[None]  # TX power 37 dBm, unknown to the model
+    present = torch.ones(1, R)
+    batch = (torch.zeros(1, R, M, F_), rss, torch.full((1, R), 30.0), present, present, torch.arange(R)[None])
+    model.map_sigma_db.fill_(0.2)
+    with torch.no_grad():
+        mean, cov = model(*batch)
+    assert (mean[0] - grid[cell]).norm() < 1000.0  # within a fraction of the 5 km cell
+
+
+def test_tiny_fit_reduces_loss_and_is_deterministic():
+    def train(seed):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        model = _model("both", with_map=False, seed=seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        batch = _batch(32, seed=5)
+        target = (torch.randn(32, 2, generator=torch.Generator().manual_seed(9)) * 40e3 - model.pos_mean) / model.pos_scale
+        losses = []
+        for _ in range(60):
+            mean, chol = model.network(*batch)
+            loss = gaussian_nll(mean, chol, target).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    losses, sd1 = train(0)
+    assert losses[-1] < losses[0] - 0.5
+    _, sd2 = train(0)
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
