@@ -65,3 +65,12 @@ def tiny_campaign(tmp_path_factory):
     export_sessions.run(params, sessions, progress=False)
     extract_features.run(params, sessions, features, progress=False)
     return params, sessions, features
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_mlflow_store(tmp_path_factory):
+    """Tests never log to the repository's (or a user's) MLflow store unless a test says so."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri

@@ -50,6 +50,22 @@ def _cmd_train(args) -> dict:
                      progress=not args.no_progress)
 
 
+def _cmd_export_onnx(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import export_onnx
+    from heimdall.tracking import git_commit
+
+    params = load_params(args.params)
+    p = params.export_onnx
+    summary = export_onnx.run(
+        args.checkpoint, args.features, args.out, args.metrics, commit=git_commit(),
+        params_hash=params.section_hash("scenario", "export_sessions", "extract_features", "model", "train"),
+        opset=p.opset, max_abs_diff=p.max_abs_diff, latency_runs=p.latency_runs, refinement=p.refinement,
+    )
+    return {k: summary[k] for k in ("max_abs_diff", "size_bytes", "p50_latency_ms_batch1",
+                                    "torch_p50_latency_ms_batch1") if k in summary}
+
+
 def _cmd_validate(args) -> dict:
     from heimdall.params import load_params
 
@@ -102,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", type=Path, default=Path("models/metrics"), help="(default: %(default)s)")
     p.add_argument("--plots-dir", type=Path, default=Path("models/plots"), help="(default: %(default)s)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "export-onnx",
+        help="models/model.ckpt -> models/model.onnx (single file, verified against PyTorch) + metrics",
+        description="Export the trained model to one self-contained ONNX file with a dynamic batch axis, "
+        "simplify it (onnxsim), check it (onnx.checker), verify it with onnxruntime against the PyTorch "
+        "model on the whole test split (no output if it differs by more than export_onnx.max_abs_diff) and "
+        "measure its latency. See docs/inference.md.",
+    )
+    _common(p)
+    p.add_argument("--checkpoint", type=Path, default=Path("models/model.ckpt"), help="(default: %(default)s)")
+    p.add_argument("--features", type=Path, default=Path("data/features.h5"), help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("models/model.onnx"), help="(default: %(default)s)")
+    p.add_argument("--metrics", type=Path, default=Path("models/metrics/onnx.json"), help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("validate", help="check a params file against the schema", description="Validate params.yaml: "
                        "every problem is listed with its dotted key path.")

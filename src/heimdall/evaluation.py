@@ -121,16 +121,19 @@ def write_plots(plots_dir: Path, history: list[dict], test: dict, mean, cov, tar
     fig, ax = plt.subplots(figsize=(7, 6))
     rx = fs.receiver_enu_m / 1e3
     ax.scatter(target[:, 0] / 1e3, target[:, 1] / 1e3, s=4, c="0.6", label="test transmitters")
-    show = np.random.default_rng(0).choice(len(target), size=min(40, len(target)), replace=False)
+    show = np.random.default_rng(0).choice(len(target), size=min(25, len(target)), replace=False)
     for i in show:
-        e = ellipse(mean[i], cov[i], 2.0) / 1e3
+        e = ellipse(mean[i], cov[i], 1.0) / 1e3
         ax.plot(e[:, 0], e[:, 1], lw=0.7, c="tab:blue", alpha=0.7)
         ax.plot([target[i, 0] / 1e3, mean[i, 0] / 1e3], [target[i, 1] / 1e3, mean[i, 1] / 1e3], c="tab:red", lw=0.7)
     ax.scatter(rx[:, 0], rx[:, 1], marker="^", s=70, c="k", label="receivers", zorder=5)
     for name, (x, y) in zip(fs.receiver_names, rx[:, :2]):
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    pad = 15.0
+    ax.set_xlim(min(rx[:, 0].min(), target[:, 0].min() / 1e3) - pad, max(rx[:, 0].max(), target[:, 0].max() / 1e3) + pad)
+    ax.set_ylim(min(rx[:, 1].min(), target[:, 1].min() / 1e3) - pad, max(rx[:, 1].max(), target[:, 1].max() / 1e3) + pad)
     ax.set(xlabel="east (km)", ylabel="north (km)", aspect="equal",
-           title="Test sessions: 2σ ellipses (blue) and errors (red) for 40 of them")
+           title="Test sessions: 1σ ellipses (blue) and errors (red) for 25 of them")
     ax.legend(loc="lower right", fontsize=8)
     save(fig, "map.png")
     return pngs

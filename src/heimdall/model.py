@@ -240,25 +240,25 @@ class LocalizationNet(nn.Module):
 
     def posterior(self, cost, prior_mean, prior_cov):
         """Posterior over the grid from the likelihood cost and the network's Gaussian prior."""
-        loglik = -0.5 * cost / self.likelihood_temperature
         pc = prior_cov * self.prior_scale**2
         det = pc[:, 0, 0] * pc[:, 1, 1] - pc[:, 0, 1] * pc[:, 1, 0]
         d = self.grid_enu_m[None] - prior_mean[:, None, :]  # (B, G, 2)
         maha = (d[..., 0] ** 2 * pc[:, 1, 1, None] - 2 * d[..., 0] * d[..., 1] * pc[:, 0, 1, None]
                 + d[..., 1] ** 2 * pc[:, 0, 0, None]) / det[:, None]
-        logits = loglik - 0.5 * maha
-        post = torch.softmax(logits, dim=1)  # (B, G)
+        logits = -0.5 * cost / self.likelihood_temperature - 0.5 * maha
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
-        # would fall between them. The covariance is the posterior second moment about the
-        # estimate, so the mass of the other modes widens the ellipse instead of being ignored.
+        # would fall between them.
         mode = self.grid_enu_m[logits.argmax(dim=1)]  # (B, 2)
-        near = ((self.grid_enu_m[None] - mode[:, None, :]) ** 2).sum(-1) <= self.mode_radius_m2
-        local = post * near.float()
+        near = (((self.grid_enu_m[None] - mode[:, None, :]) ** 2).sum(-1) <= self.mode_radius_m2).float()
+        post = torch.softmax(logits, dim=1)  # (B, G)
+        local = post * near
         mean = (local @ self.grid_enu_m) / local.sum(1, keepdim=True).clamp_min(1e-30)
+        # Covariance: the posterior second moment about the estimate, so the mass of other modes
+        # widens the ellipse instead of being ignored. The posterior is a mixture (the mode plus
+        # far-away alternatives): a Gaussian calibrated at both 1σ and 2σ needs the two parts
+        # weighted separately (fitted on validation).
         dd = self.grid_enu_m[None] - mean[:, None, :]
-        # The posterior is a mixture (the mode plus far-away alternatives): a Gaussian calibrated at
-        # both 1σ and 2σ needs the two parts weighted separately (scales fitted on validation).
         local_cov = torch.einsum("bg,bgi,bgj->bij", local, dd, dd)
         remote_cov = torch.einsum("bg,bgi,bgj->bij", post - local, dd, dd)
         cov = self.cov_scale_local * local_cov + self.cov_scale_remote * remote_cov

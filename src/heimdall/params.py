@@ -181,6 +181,13 @@ class TrainParams(_Section):
     mlflow_experiment: str = Field(min_length=1)
 
 
+class ExportOnnxParams(_Section):
+    opset: int = Field(ge=17, le=23)
+    max_abs_diff: float = Field(gt=0, le=1)
+    latency_runs: int = Field(ge=10, le=100_000)
+    refinement: Literal["planar", "traced"]
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -191,6 +198,15 @@ class Params(_Section):
     extract_features: ExtractFeaturesParams
     model: ModelParams
     train: TrainParams
+    export_onnx: ExportOnnxParams
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of the given sections (lineage tag for exported models)."""
+        import hashlib
+        import json
+
+        data = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
