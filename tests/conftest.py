@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from heimdall.params import load_params
-from heimdall.stages import export_sessions, extract_features
+from heimdall.stages import export_onnx, export_sessions, extract_features, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,67 @@ def _isolated_mlflow_store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri
+
+
+# Real servers (tests/services.py), started once per test run and only if a test asks for them.
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (skipped if unavailable; fails under CI=true)."""
+    from services import ServiceUnavailable, postgres_server as start, unavailable
+
+    try:
+        ctx = start()
+        server = ctx.__enter__()
+    except ServiceUnavailable as e:
+        unavailable("PostgreSQL", str(e))
+    try:
+        yield server
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A SeaweedFS S3 server on 127.0.0.1 (skipped if unavailable; fails under CI=true)."""
+    from services import ServiceUnavailable, s3_server as start, unavailable
+
+    try:
+        ctx = start()
+        server = ctx.__enter__()
+    except ServiceUnavailable as e:
+        unavailable("S3 (SeaweedFS)", str(e))
+    try:
+        yield server
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+# A one-epoch, narrow LocalizationNet on the tiny campaign: real training, seconds of CPU.
+TINY_TRAIN = {
+    "train.max_epochs": 1, "train.batch_size": 32, "train.radio_map.spacing_km": 4.0,
+    "model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.cnn_width": 4,
+}
+# the export stage's defaults benchmark for ~1 minute; tests check the plumbing, not the numbers
+FAST_EXPORT = {"latency_runs": 5, "warmup_runs": 1, "throughput_runs": 1, "throughput_batch": 8,
+               "commit": "0123456789abcdef0123456789abcdef01234567", "params_hash": "feedfacecafe"}
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_campaign, tmp_path_factory):
+    """(checkpoint, features) of a one-epoch tiny LocalizationNet; metrics in <ckpt dir>/metrics."""
+    tmp = tmp_path_factory.mktemp("export_train")
+    _, _, features = tiny_campaign
+    params = load_params(write_params(tmp / "params.yaml", tiny_params_dict(240, **TINY_TRAIN)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        train.run(params, features, tmp / "model.ckpt", tmp / "metrics", tmp / "plots", progress=False)
+    return tmp / "model.ckpt", features
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """(model.onnx, its metrics dict, the stage summary) of the tiny trained model."""
+    ckpt, features = trained
+    out = tmp_path_factory.mktemp("export_onnx")
+    summary = export_onnx.run(ckpt, features, out / "model.onnx", out / "metrics/export.json", **FAST_EXPORT)
+    return out / "model.onnx", json.loads((out / "metrics/export.json").read_text()), summary

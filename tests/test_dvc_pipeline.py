@@ -95,3 +95,29 @@ def test_failed_stage_leaves_no_output(pipeline_repo):
     assert "extract_features.n_fft" in proc.stderr + proc.stdout
     assert not (repo / "data/features.h5").exists()
     assert not list((repo / "data").glob(".*tmp*"))
+
+
+def test_whole_pipeline_reruns_exactly_what_a_change_affects(pipeline_repo):
+    """All five stages; a no-op repro; a train param reruns exactly train, export_onnx, register."""
+    from conftest import TINY_TRAIN
+
+    repo = pipeline_repo
+    d = tiny_params_dict(120)
+    for dotted, value in {**TINY_TRAIN, "export_onnx.latency_runs": 10}.items():
+        node = d
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    stages = {"export_sessions", "extract_features", "train", "export_onnx", "register"}
+    assert _ran(_run(["dvc", "repro"], repo)) == stages
+    assert _ran(_run(["dvc", "repro"], repo)) == set()
+    registry = yaml.safe_load((repo / "models/registry.json").read_text())
+    assert registry["version"] == "1" and "champion" in registry["aliases"]
+
+    _set_param(repo, "train.lr", 0.001)
+    assert _ran(_run(["dvc", "repro"], repo)) == {"train", "export_onnx", "register"}
+    registry = yaml.safe_load((repo / "models/registry.json").read_text())
+    assert registry["version"] == "2" and "candidate" in registry["aliases"]
+    assert _ran(_run(["dvc", "repro"], repo)) == set()

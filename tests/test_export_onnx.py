@@ -11,41 +11,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import tiny_params_dict, write_params
+from conftest import FAST_EXPORT as FAST
 from heimdall import geo
 from heimdall.data import INPUT_NAMES, load_features
 from heimdall.errors import HeimdallError
 from heimdall.params import load_params
 from heimdall.stages import export_onnx, train
-
-TINY_TRAIN = {
-    "train.max_epochs": 1, "train.batch_size": 32, "train.radio_map.spacing_km": 4.0,
-    "model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.cnn_width": 4,
-}
-# the stage's defaults benchmark for ~1 minute; the tests check the plumbing, not the numbers
-FAST = {"latency_runs": 5, "warmup_runs": 1, "throughput_runs": 1, "throughput_batch": 8,
-        "commit": "0123456789abcdef0123456789abcdef01234567", "params_hash": "feedfacecafe"}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_campaign, tmp_path_factory):
-    """(checkpoint, features) of a one-epoch tiny LocalizationNet."""
-    tmp = tmp_path_factory.mktemp("export_train")
-    _, _, features = tiny_campaign
-    params = load_params(write_params(tmp / "params.yaml", tiny_params_dict(240, **TINY_TRAIN)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        train.run(params, features, tmp / "model.ckpt", tmp / "metrics", tmp / "plots", progress=False)
-    return tmp / "model.ckpt", features
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    ckpt, features = trained
-    out = tmp_path_factory.mktemp("export_onnx")
-    summary = export_onnx.run(ckpt, features, out / "model.onnx", out / "metrics/export.json", **FAST)
-    return out / "model.onnx", json.loads((out / "metrics/export.json").read_text()), summary
-
 
 def test_export_succeeds_and_parity_holds(exported, trained):
     path, metrics, summary = exported

@@ -66,6 +66,28 @@ def _cmd_export_onnx(args) -> dict:
                                     "torch_p50_latency_ms_batch1") if k in summary}
 
 
+def _cmd_register(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import register
+
+    return register.run(load_params(args.params), args.model, args.test_metrics, args.out)
+
+
+def _cmd_predict(args) -> dict:
+    from heimdall.predict import format_table, predict_sessions
+
+    results = predict_sessions(args.sessions, args.model, args.session_id or None)
+    if args.json:
+        print(json.dumps(results if len(results) != 1 or not args.session_id else results[0], indent=2))
+    else:
+        print(format_table(results))
+    errors = [r["error_m"] for r in results if "error_m" in r]
+    summary = {"sessions": len(results)}
+    if errors:
+        summary["median_error_m"] = round(float(sorted(errors)[len(errors) // 2]), 1)
+    return summary
+
+
 def _cmd_validate(args) -> dict:
     from heimdall.params import load_params
 
@@ -133,6 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("models/model.onnx"), help="(default: %(default)s)")
     p.add_argument("--metrics", type=Path, default=Path("models/metrics/onnx.json"), help="(default: %(default)s)")
     p.set_defaults(func=_cmd_export_onnx)
+
+    from heimdall.db.cli import add_parser as add_db_parser
+
+    add_db_parser(sub)
+
+    p = sub.add_parser(
+        "register",
+        help="models/model.onnx -> a new MLflow registry version (aliases candidate/champion) + models/registry.json",
+        description="Log the ONNX model to MLflow and register a new version of register.model_name, tagged "
+        "with git commit, dvc.lock md5s and the test metrics. Alias 'candidate' -> the new version; 'champion' "
+        "moves only if its test median error beats the current champion's. MLFLOW_TRACKING_URI selects the "
+        "store (default sqlite:///<repo>/mlflow.db).",
+    )
+    _common(p)
+    p.add_argument("--model", type=Path, default=Path("models/model.onnx"), help="(default: %(default)s)")
+    p.add_argument("--test-metrics", type=Path, default=Path("models/metrics/test.json"),
+                   help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("models/registry.json"), help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser(
+        "predict",
+        help="locate the transmitter of sessions in a sessions.h5 with an exported model",
+        description="Compute features exactly as extract_features does and run the ONNX model: prints "
+        "position (lat, lon), the 1σ ellipse (semi-axes, azimuth of the major axis from north) and the "
+        "receivers used; --json adds the 2σ ellipse and covariance. MODEL is a .onnx file or an MLflow "
+        "URI such as models:/heimdall-localization@champion.",
+    )
+    p.add_argument("--sessions", type=Path, default=Path("data/sessions.h5"), help="(default: %(default)s)")
+    p.add_argument("--model", default="models/model.onnx", help="ONNX file or models:/NAME@ALIAS (default: %(default)s)")
+    p.add_argument("--session-id", action="append", metavar="ID", help="only this session (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("validate", help="check a params file against the schema", description="Validate params.yaml: "
                        "every problem is listed with its dotted key path.")

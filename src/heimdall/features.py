@@ -81,3 +81,26 @@ def iq_int16_to_complex(iq: np.ndarray, scale: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(iq)).to(torch.float32)
     t = t * torch.from_numpy(np.asarray(scale, dtype=np.float32))[..., None, None]
     return torch.view_as_complex(t)
+
+
+def featurize_block(present, rss_dbm, snr_db, has_iq, iq_scale, iq, frontend: LogMelFrontend) -> tuple[dict, int]:
+    """One block of sessions.h5 ``measurements`` rows -> the model's per-receiver features.
+
+    The single implementation of "measurement -> feature" shared by extract_features and
+    ``heimdall predict``. A present receiver needs a finite RSS (else it is dropped); its IQ
+    is used only with a finite, positive calibration scale (else RSS/SNR only). Returns the
+    features (logmel_db, rss_dbm, snr_db, present, has_iq) and how many readings were dropped.
+    """
+    present = np.asarray(present, dtype=bool)
+    has_iq = np.asarray(has_iq, dtype=bool) & present
+    bad = present & ~np.isfinite(rss_dbm)
+    bad_iq = has_iq & ~(np.isfinite(iq_scale) & (iq_scale > 0))
+    skipped = int(bad.sum()) + int((bad_iq & ~bad).sum())
+    present = present & ~bad
+    has_iq = has_iq & present & ~bad_iq
+    snr = np.where(present & np.isfinite(snr_db), snr_db, 0.0).astype(np.float32)
+    rss = np.where(present, rss_dbm, 0.0).astype(np.float32)
+    with torch.no_grad():
+        mel = frontend(iq_int16_to_complex(iq, np.where(has_iq, iq_scale, 0.0))).numpy()
+    mel[~has_iq] = 0.0
+    return {"logmel_db": mel, "rss_dbm": rss, "snr_db": snr, "present": present, "has_iq": has_iq}, skipped

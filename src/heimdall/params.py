@@ -6,6 +6,7 @@ lists every problem by its dotted key path (``export_sessions.n_sessions: ...``)
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -81,15 +82,33 @@ class ScenarioParams(_Section):
 
 
 class PostgresSourceParams(_Section):
-    """Filters for ``source: postgres`` (the connection itself comes from HEIMDALL_DB_URL)."""
+    """Filters for ``source: postgres`` (docs/sources.md). The connection (HEIMDALL_DB_URL) and S3
+    credentials come from the environment only, so no secret can reach dvc.lock or MLflow."""
 
-    s3_bucket: str = "heimdall-raw-iq"
-    start_time: str | None = None
-    end_time: str | None = None
-    frequency_min_hz: float | None = None
-    frequency_max_hz: float | None = None
+    s3_bucket: str = Field(default="heimdall-raw-iq", min_length=3, max_length=63)
+    start_time: datetime | None = None  # sessions starting at or after (ISO 8601; no zone = UTC)
+    end_time: datetime | None = None  # ... and strictly before
+    frequency_min_hz: float | None = Field(default=None, ge=0)
+    frequency_max_hz: float | None = Field(default=None, ge=0)
     min_receivers: int = Field(default=1, ge=1)
     validated_sources_only: bool = False
+    default_altitude_m: float = Field(default=0.0, ge=-500, le=9000)  # stations with NULL altitude_asl
+    iq_errors: Literal["skip", "fail"] = "skip"  # IQ object missing/corrupt: drop that IQ (counted) or fail
+    empty_sessions: Literal["fail", "skip"] = "fail"  # approved session with no usable receiver
+
+    @field_validator("start_time", "end_time")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=timezone.utc) if v is not None and v.tzinfo is None else v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PostgresSourceParams":
+        if self.start_time and self.end_time and self.start_time >= self.end_time:
+            raise ValueError("start_time must be before end_time")
+        if (self.frequency_min_hz is not None and self.frequency_max_hz is not None
+                and self.frequency_min_hz > self.frequency_max_hz):
+            raise ValueError("frequency_min_hz must not exceed frequency_max_hz")
+        return self
 
 
 class ExportSessionsParams(_Section):
@@ -188,6 +207,11 @@ class ExportOnnxParams(_Section):
     refinement: Literal["planar", "traced"]
 
 
+class RegisterParams(_Section):
+    model_name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    mlflow_experiment: str = Field(min_length=1)
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -199,6 +223,8 @@ class Params(_Section):
     model: ModelParams
     train: TrainParams
     export_onnx: ExportOnnxParams
+    # `register` is the params.yaml key; the attribute is `registry` (BaseModel's metaclass owns `register`)
+    registry: RegisterParams = Field(alias="register")
 
     def section_hash(self, *sections: str) -> str:
         """sha256 of the canonical JSON of the given sections (lineage tag for exported models)."""

@@ -32,6 +32,22 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB}"
 
 
+def redact_uri(uri: str) -> str:
+    """A URI safe to write down: user info (user:password@) and secret-looking query values removed."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(uri)
+    out = uri
+    if "@" in parts.netloc:
+        out = out.replace(parts.netloc, parts.netloc.rsplit("@", 1)[-1], 1)
+    if parts.query:
+        secret = ("password", "passwd", "pwd", "secret", "token", "key", "credential", "signature")
+        query = [(k, "REDACTED" if any(s in k.lower() for s in secret) else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        out = out.replace("?" + parts.query, "?" + urlencode(query), 1)
+    return out
+
+
 def artifact_location() -> str | None:
     """Artifact root for experiments created here (only for the embedded default store)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -86,7 +86,10 @@ OUTPUT_NAMES = ("position_enu_m", "covariance_m2", "position_latlon")
 DEFAULT_OPSET = 20
 GEODESY_TOL_DEG = 1e-7
 # metadata_props keys whose values are JSON documents (the others are plain strings)
-JSON_METADATA_KEYS = ("origin", "receivers", "normalization", "model_config", "inputs", "outputs", "parity")
+JSON_METADATA_KEYS = ("origin", "receivers", "normalization", "model_config", "frontend", "inputs", "outputs",
+                      "parity")
+# features.h5 attributes that define the log-mel front end (heimdall predict recomputes features with them)
+FRONTEND_KEYS = ("sample_rate_hz", "n_fft", "n_mels", "n_frames", "hop_length")
 
 # post-export graph pass: edits the ModelProto in place and/or returns a replacement
 GraphTransform = Callable[["onnx.ModelProto"], "onnx.ModelProto | None"]
@@ -470,6 +473,7 @@ def build_metadata(model: LocalizationNet, payload: dict, fs: FeatureSet, *, com
         "receivers": dump(receivers),
         "normalization": dump(norm),
         "model_config": dump(config),
+        "frontend": dump({k: fs.attrs[k] for k in FRONTEND_KEYS if k in fs.attrs}),
         "inputs": dump(inputs),
         "outputs": dump(outputs),
         "parity": dump(parity),

@@ -23,6 +23,10 @@ def run(params: Params, out: Path, progress: bool = True) -> dict:
     with atomic_path(out) as tmp:
         if source == "synthetic":
             summary = _export_synthetic(params, tmp, progress)
+        elif source == "postgres":
+            from heimdall.db.source import export_postgres  # psycopg2/boto3 only when needed
+
+            summary = export_postgres(params, tmp, progress)
         else:
             raise HeimdallError(
                 f"export_sessions.source: '{source}' is not available in this version of heimdall"

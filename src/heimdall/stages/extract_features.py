@@ -18,7 +18,7 @@ from heimdall import contracts as c
 from heimdall import geo
 from heimdall.atomic import atomic_path
 from heimdall.errors import HeimdallError
-from heimdall.features import LogMelFrontend, iq_int16_to_complex
+from heimdall.features import LogMelFrontend, featurize_block
 from heimdall.params import Params
 from heimdall.splits import assign_split
 
@@ -51,7 +51,7 @@ class _RunningMoments:
         return mean, np.maximum(std, 1e-6)
 
 
-def _read_checked(path: Path) -> tuple[h5py.File, dict[str, int]]:
+def open_sessions(path: Path) -> tuple[h5py.File, dict[str, int]]:
     f = c.open_checked(path, c.SESSIONS_FORMAT)
     try:
         dims = c.validate_layout(f, c.SESSIONS_LAYOUT, path)
@@ -73,7 +73,7 @@ def _read_checked(path: Path) -> tuple[h5py.File, dict[str, int]]:
 def run(params: Params, sessions_path: Path, out: Path, progress: bool = True) -> dict:
     p = params.extract_features
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    src, dims = _read_checked(sessions_path)
+    src, dims = open_sessions(sessions_path)
     with src, atomic_path(out) as tmp:
         try:
             summary = _extract(src, dims, p, sessions_path, tmp, progress)
@@ -159,24 +159,14 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
         with tqdm(total=n, desc="extract_features", unit="session", disable=None if progress else True) as bar:
             for start in range(0, n, b):
                 sl = slice(start, min(n, start + b))
-                present = m["present"][sl]
-                rss = m["rss_dbm"][sl]
-                snr = m["snr_db"][sl]
-                has_iq = m["has_iq"][sl] & present
-                scale = m["iq_scale"][sl]
-                # A present receiver needs a finite RSS; IQ needs a finite, positive scale.
-                bad = present & ~np.isfinite(rss)
-                bad_iq = has_iq & ~(np.isfinite(scale) & (scale > 0))
-                skipped_nonfinite += int(bad.sum()) + int((bad_iq & ~bad).sum())
-                present &= ~bad
-                has_iq &= present & ~bad_iq
-                snr = np.where(present & np.isfinite(snr), snr, 0.0).astype(np.float32)
-                rss = np.where(present, rss, 0.0).astype(np.float32)
-
-                iq = m["iq"][sl]  # (B, R, S, 2) int16: one contiguous read of whole chunks
-                with torch.no_grad():
-                    mel = frontend(iq_int16_to_complex(iq, np.where(has_iq, scale, 0.0))).numpy()
-                mel[~has_iq] = 0.0
+                feats, skipped = featurize_block(
+                    m["present"][sl], m["rss_dbm"][sl], m["snr_db"][sl], m["has_iq"][sl], m["iq_scale"][sl],
+                    m["iq"][sl],  # (B, R, S, 2) int16: one contiguous read of whole chunks
+                    frontend,
+                )
+                skipped_nonfinite += skipped
+                mel, rss, snr = feats["logmel_db"], feats["rss_dbm"], feats["snr_db"]
+                present, has_iq = feats["present"], feats["has_iq"]
                 logmel[sl] = mel
                 out_rss[sl], out_snr[sl] = rss, snr
                 out_present[sl], out_has_iq[sl] = present, has_iq

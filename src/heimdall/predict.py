@@ -1,0 +1,166 @@
+"""``heimdall predict``: sessions.h5 + an exported model -> position, error ellipses, receivers used.
+
+The model is a local ONNX file or an MLflow model URI (``models:/heimdall-localization@champion``).
+Features are computed by the same code as the extract_features stage (heimdall.features.featurize_block)
+with the front-end settings stored in the ONNX metadata; receivers are matched to the model's
+receiver table by name. Normalisation is inside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from heimdall import geo
+from heimdall.errors import HeimdallError
+from heimdall.features import LogMelFrontend, featurize_block
+
+# Refuse inputs that would not fit a reasonable machine: a sessions file is read in batches, but
+# one row of IQ and the number of sessions a call answers are bounded.
+MAX_SESSIONS = 100_000
+MAX_IQ_SAMPLES = 10_000_000
+
+
+def resolve_model(model: str | Path, workdir: Path) -> Path:
+    """A local .onnx path, or an MLflow model URI downloaded into ``workdir``."""
+    text = str(model)
+    if "://" not in text and not text.startswith("models:/"):
+        return Path(text)
+    import mlflow
+
+    from heimdall.tracking import redact_uri, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(workdir)))
+    except Exception as e:  # noqa: BLE001 - any registry/store failure is the user's URI or server
+        raise HeimdallError(f"{text}: cannot fetch the model from MLflow at {redact_uri(tracking_uri())}: "
+                            f"{str(e).strip().splitlines()[0]}") from None
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
+    if not found:
+        raise HeimdallError(f"{text}: the MLflow model holds no .onnx file")
+    return found[0]
+
+
+def ellipse(cov: np.ndarray, k: float) -> dict:
+    """k-σ ellipse {x : xᵀ Σ⁻¹ x ≤ k²} of a 2×2 ENU covariance: semi-axes (m) and the major axis'
+    azimuth (degrees clockwise from north, in [0, 180))."""
+    evals, evecs = np.linalg.eigh(cov)
+    evals = np.maximum(evals, 0.0)
+    east, north = evecs[:, 1]  # major axis
+    return {"semi_major_m": float(k * math.sqrt(evals[1])), "semi_minor_m": float(k * math.sqrt(evals[0])),
+            "orientation_deg": float(math.degrees(math.atan2(east, north)) % 180.0)}
+
+
+def _select_rows(all_ids: np.ndarray, session_ids: list[str] | None, path: Path) -> np.ndarray:
+    if not session_ids:
+        rows = np.arange(len(all_ids))
+    else:
+        index = {sid: i for i, sid in enumerate(all_ids)}
+        missing = [s for s in session_ids if s not in index]
+        if missing:
+            raise HeimdallError(f"{path}: session id {missing[0]!r} not found ({len(missing)} missing)")
+        rows = np.array([index[s] for s in session_ids], dtype=np.int64)
+    if len(rows) > MAX_SESSIONS:
+        raise HeimdallError(f"{path}: {len(rows)} sessions requested; predict answers at most {MAX_SESSIONS} "
+                            "per call (select some with --session-id)")
+    return rows
+
+
+def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: list[str] | None = None,
+                     batch: int = 64) -> list[dict]:
+    """One dict per session: position (lat/lon and ENU), covariance, 1σ/2σ ellipses, receivers used,
+    and the error against the file's ground truth where it has one."""
+    from heimdall.stages.export_onnx import load_onnx_session
+    from heimdall.stages.extract_features import open_sessions
+
+    sessions_path = Path(sessions_path)
+    with tempfile.TemporaryDirectory(prefix="heimdall-predict-") as work:
+        onnx_path = resolve_model(model, Path(work))
+        session, meta = load_onnx_session(onnx_path, intra_op_threads=1)
+    fe = meta.get("frontend") or {}
+    if not {"sample_rate_hz", "n_fft", "n_mels", "n_frames"} <= fe.keys():
+        raise HeimdallError(f"{model}: ONNX metadata has no log-mel front-end settings (re-export the model)")
+    model_rx = [r["name"] for r in meta["receivers"]]
+    o = meta["origin"]
+    origin = (o["latitude_deg"], o["longitude_deg"], o["altitude_m"])
+
+    src, dims = open_sessions(sessions_path)
+    with src:
+        if dims["S"] > MAX_IQ_SAMPLES:
+            raise HeimdallError(f"{sessions_path}: {dims['S']} IQ samples per row exceeds the limit {MAX_IQ_SAMPLES}")
+        rate = float(src.attrs["sample_rate_hz"])
+        if not math.isclose(rate, float(fe["sample_rate_hz"]), rel_tol=1e-9):
+            raise HeimdallError(f"{sessions_path}: IQ sample rate {rate:g} Hz differs from the model's "
+                                f"{fe['sample_rate_hz']:g} Hz")
+        try:
+            frontend = LogMelFrontend(rate, dims["S"], int(fe["n_fft"]), int(fe["n_mels"]), int(fe["n_frames"]))
+        except ValueError as e:
+            raise HeimdallError(f"{sessions_path}: {e}") from None
+        file_rx = list(src["receivers/name"].asstr()[()])
+        slot = np.array([model_rx.index(n) if n in model_rx else -1 for n in file_rx])
+        known = slot >= 0
+        if not known.any():
+            raise HeimdallError(f"{sessions_path}: none of its receivers {file_rx} is in the model's table {model_rx}")
+        ids = src["sessions/session_id"].asstr()[()]
+        rows = _select_rows(ids, session_ids, sessions_path)
+        truth = np.stack([src["sessions/tx_latitude_deg"][()], src["sessions/tx_longitude_deg"][()]], 1)
+        m = src["measurements"]
+        results: list[dict] = []
+        r_model = len(model_rx)
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            order = np.argsort(chunk)  # h5py reads need increasing indices
+            sel = chunk[order]
+            feats, _ = featurize_block(m["present"][sel], m["rss_dbm"][sel], m["snr_db"][sel], m["has_iq"][sel],
+                                       m["iq_scale"][sel], m["iq"][sel], frontend)
+            inv = np.argsort(order)
+            feats = {k: v[inv][:, known] for k, v in feats.items()}  # back to the requested order
+            b = len(chunk)
+            feeds = {
+                "logmel": np.zeros((b, r_model, *feats["logmel_db"].shape[2:]), np.float32),
+                "rss_dbm": np.zeros((b, r_model), np.float32), "snr_db": np.zeros((b, r_model), np.float32),
+                "present": np.zeros((b, r_model), np.float32), "has_iq": np.zeros((b, r_model), np.float32),
+                "receiver_id": np.broadcast_to(np.arange(r_model, dtype=np.int64), (b, r_model)).copy(),
+            }
+            s = slot[known]
+            feeds["logmel"][:, s] = feats["logmel_db"]
+            feeds["rss_dbm"][:, s], feeds["snr_db"][:, s] = feats["rss_dbm"], feats["snr_db"]
+            feeds["present"][:, s], feeds["has_iq"][:, s] = feats["present"], feats["has_iq"]
+            enu, cov, latlon = session.run(None, feeds)
+            for i, row in enumerate(chunk):
+                used = [model_rx[j] for j in range(r_model) if feeds["present"][i, j] > 0]
+                out = {
+                    "session_id": str(ids[row]),
+                    "latitude_deg": float(latlon[i, 0]), "longitude_deg": float(latlon[i, 1]),
+                    "east_m": float(enu[i, 0]), "north_m": float(enu[i, 1]),
+                    "covariance_m2": cov[i].astype(float).tolist(),
+                    "ellipse_1sigma": ellipse(cov[i].astype(np.float64), 1.0),
+                    "ellipse_2sigma": ellipse(cov[i].astype(np.float64), 2.0),
+                    "receivers_used": used,
+                }
+                if not used:
+                    out["warning"] = "no usable receiver: the position is the model's prior"
+                if np.isfinite(truth[row]).all():  # same metric as the test metrics: ENU distance
+                    te, tn, _ = geo.geodetic_to_enu(truth[row, 0], truth[row, 1], 0.0, origin)
+                    out["error_m"] = float(math.hypot(enu[i, 0] - te, enu[i, 1] - tn))
+                results.append(out)
+    ignored = [n for n, k in zip(file_rx, known) if not k]
+    for r in results:
+        if ignored:
+            r["receivers_ignored"] = ignored
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'session':<24} {'lat':>9} {'lon':>9} {'1σ major×minor km':>18} {'az°':>5} {'rx':>3} {'error km':>9}"]
+    for r in results:
+        e = r["ellipse_1sigma"]
+        err = f"{r['error_m'] / 1e3:9.2f}" if "error_m" in r else f"{'-':>9}"
+        lines.append(f"{r['session_id'][:24]:<24} {r['latitude_deg']:9.4f} {r['longitude_deg']:9.4f} "
+                     f"{e['semi_major_m'] / 1e3:8.2f}×{e['semi_minor_m'] / 1e3:<9.2f} {e['orientation_deg']:5.0f} "
+                     f"{len(r['receivers_used']):>3} {err}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Stage register: models/model.onnx -> a new version of the MLflow registered model.
+
+1. Log the ONNX file to MLflow (``mlflow.onnx.log_model``, CPU execution provider, one file) in a
+   run tagged with its lineage: git commit, the dvc.lock md5s of data/features.h5 and
+   models/model.onnx, ``DVC_EXP_NAME`` when DVC runs an experiment, and the test metrics.
+2. Register it as a new version of ``register.model_name`` with the same tags.
+3. Alias ``candidate`` -> the new version. Alias ``champion`` moves to it only if its test
+   ``median_error_m`` is strictly lower than the current champion's (or there is no champion).
+4. Write ``models/registry.json`` (name, version, aliases, run id, tracking URI without credentials).
+
+DVC declares registry.json ``cache: false``: DVC's run-cache could otherwise "restore" the stage
+without running it, and a registry entry cannot be restored from a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from heimdall.atomic import atomic_path
+from heimdall.errors import HeimdallError
+from heimdall.params import Params
+from heimdall.tracking import artifact_location, dvc_lock_md5, git_commit, redact_uri, tracking_uri
+
+log = logging.getLogger(__name__)
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+# the test metrics copied onto the run (as metrics) and the model version (as tags, "test.<key>")
+TEST_KEYS = ("n_test", "median_error_m", "mean_error_m", "p90_error_m", "rmse_m", "nll",
+             "coverage_1sigma", "coverage_2sigma", "crlb_rmse_m")
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()  # noqa: S324 - the digest DVC itself records, not a security use
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _test_metrics(path: Path) -> dict[str, float]:
+    try:
+        test = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HeimdallError(f"{path}: cannot read the test metrics: {e}") from None
+    out = {k: float(test[k]) for k in TEST_KEYS if isinstance(test.get(k), (int, float))}
+    if not math.isfinite(out.get("median_error_m", math.nan)):
+        raise HeimdallError(f"{path}: no finite 'median_error_m' (the champion rule needs it)")
+    for name, b in (test.get("baselines") or {}).items():
+        if isinstance(b, dict) and isinstance(b.get("median_error_m"), (int, float)):
+            out[f"baselines.{name}.median_error_m"] = float(b["median_error_m"])
+    return out
+
+
+def _signature(onnx_path: Path):
+    """Tensor signature of the graph (dynamic axes as -1) so MLflow's model page documents it."""
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+
+    def specs(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out.append(TensorSpec(dtype, shape, v.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(proto.graph.input), outputs=specs(proto.graph.output)), proto
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location())
+
+
+def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, out: str | Path) -> dict:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    onnx_path, test_metrics_path, out = Path(onnx_path), Path(test_metrics_path), Path(out)
+    p = params.registry
+    if not onnx_path.exists():
+        raise HeimdallError(f"{onnx_path}: ONNX model not found (run the export_onnx stage first)")
+    metrics = _test_metrics(test_metrics_path)
+    onnx_md5 = _md5(onnx_path)
+    lock_md5 = dvc_lock_md5(onnx_path.as_posix())
+    if lock_md5 not in ("unknown", onnx_md5):
+        log.warning("dvc.lock records md5 %s for %s but the file has %s; tagging the file's", lock_md5, onnx_path,
+                    onnx_md5)
+    tags = {
+        "git_commit": git_commit(),
+        "features_md5": dvc_lock_md5("data/features.h5"),
+        "onnx_md5": onnx_md5,
+        **({"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
+        **{f"test.{k}": repr(v) for k, v in metrics.items()},
+    }
+    uri = tracking_uri()
+    safe_uri = redact_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    signature, proto = _signature(onnx_path)
+
+    try:
+        experiment_id = _experiment_id(client, p.mlflow_experiment)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or "register",
+                              tags={**tags, "heimdall.stage": "register"}) as active:
+            mlflow.log_metrics({f"test_{k.replace('.', '_')}": v for k, v in metrics.items()})
+            info = mlflow.onnx.log_model(
+                proto, name="model", signature=signature, onnx_execution_providers=["CPUExecutionProvider"],
+                save_as_external_data=False,  # one self-contained file, like models/model.onnx
+            )
+            run_id = active.info.run_id
+        _ensure_registered(client, p.model_name)
+        mv = client.create_model_version(p.model_name, info.model_uri, run_id=run_id, tags=tags)
+        version = str(mv.version)
+        client.set_registered_model_alias(p.model_name, CANDIDATE, version)
+
+        try:
+            champ = client.get_model_version_by_alias(p.model_name, CHAMPION)
+        except MlflowException:
+            champ = None
+        champ_err = float(champ.tags.get("test.median_error_m", "inf")) if champ is not None else math.inf
+        promoted = metrics["median_error_m"] < champ_err
+        if promoted:
+            client.set_registered_model_alias(p.model_name, CHAMPION, version)
+        aliases = sorted(client.get_model_version(p.model_name, version).aliases)
+    except MlflowException as e:
+        raise HeimdallError(f"MLflow at {safe_uri}: {str(e).strip().splitlines()[0]}") from None
+
+    registry = {
+        "name": p.model_name,
+        "version": version,
+        "aliases": aliases,
+        "model_uri": f"models:/{p.model_name}/{version}",
+        "run_id": run_id,
+        "tracking_uri": safe_uri,
+        "promoted_to_champion": promoted,
+        "champion_version": version if promoted else (str(champ.version) if champ is not None else None),
+        "test_median_error_m": metrics["median_error_m"],
+        "previous_champion_median_error_m": None if champ is None else champ_err,
+        "tags": tags,
+    }
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    log.info("registered %s version %s (%s)", p.model_name, version, ", ".join(aliases))
+    return {"name": p.model_name, "version": version, "aliases": aliases, "promoted_to_champion": promoted}
+
+
+def _ensure_registered(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Heimdall LocalizationNet (ONNX): WebSDR receivers' "
+                                       "features -> transmitter position with a 2x2 covariance.")
