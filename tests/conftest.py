@@ -110,6 +110,23 @@ def s3_server():
         ctx.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_server, s3_server):
+    """`mlflow server` on 127.0.0.1 backed by PostgreSQL (database 'mlflow') + S3 artifacts
+    (s3://mlflow-artifacts/artifacts); ``.url`` is the MLFLOW_TRACKING_URI for clients."""
+    from services import ServiceUnavailable, mlflow_server as start, unavailable
+
+    try:
+        ctx = start(postgres_server, s3_server)
+        server = ctx.__enter__()
+    except ServiceUnavailable as e:
+        unavailable("MLflow server", str(e))
+    try:
+        yield server
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 # A one-epoch, narrow LocalizationNet on the tiny campaign: real training, seconds of CPU.
 TINY_TRAIN = {
     "train.max_epochs": 1, "train.batch_size": 32, "train.radio_map.spacing_km": 4.0,

@@ -187,42 +187,67 @@ def _weed_binary() -> str:
     return found
 
 
-@contextlib.contextmanager
-def s3_server() -> Iterator[S3Server]:
-    weed = _weed_binary()
-    root = Path(tempfile.mkdtemp(prefix="heimdall-s3-"))
-    server = None
-    proc = None
-    try:
-        access, secret = "heimdall-test", "s3-sentinel-" + secrets.token_hex(8)
+class Weed:
+    """One SeaweedFS S3 server process on fixed ports and a fixed data directory: ``kill()`` it like
+    a crash (SIGKILL) and ``start()`` it again on the same data, ports and credentials."""
+
+    def __init__(self, root: Path, access: str, secret: str):
+        self.weed = _weed_binary()
+        self.root = root
         (root / "s3.json").write_text(json.dumps({"identities": [{
             "name": "heimdall", "credentials": [{"accessKey": access, "secretKey": secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
-        (root / "data").mkdir()
+        (root / "data").mkdir(exist_ok=True)
+        self.ports = free_ports(10)
+        self.server = S3Server(f"http://127.0.0.1:{self.ports[6]}", access, secret)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> S3Server:
         # `weed mini` runs master, volume, filer, S3 and admin in one process; every port explicit
         # so parallel runs never collide, extras (WebDAV, admin UI, Iceberg, Lance) off.
-        (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = free_ports(10)
+        (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = self.ports
+        root = self.root
         log = root / "weed.log"
-        cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        cmd = [self.weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={master}", f"-master.port.grpc={master_g}",
                f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
                f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
                f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                f"-admin.port={admin}", f"-admin.port.grpc={admin_g}", "-admin.ui=false", "-webdav=false",
                f"-s3.config={root / 's3.json'}"]
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-        _wait_port(s3, proc, START_TIMEOUT_S, log)
-        server = S3Server(f"http://127.0.0.1:{s3}", access, secret)
-        _wait_s3_ready(server, proc, log)
-        yield server
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        _wait_port(s3, self.proc, START_TIMEOUT_S, log)
+        _wait_s3_ready(self.server, self.proc, log)
+        return self.server
+
+    def kill(self) -> None:
+        # Throwaway data: no graceful shutdown (it waits for idle keep-alive clients for seconds).
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def weed_process() -> Iterator[Weed]:
+    """A started :class:`Weed` in a fresh temporary directory, killed and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="heimdall-s3-"))
+    weed = None
+    try:
+        weed = Weed(root, "heimdall-test", "s3-sentinel-" + secrets.token_hex(8))
+        weed.start()
+        yield weed
     finally:
-        if proc is not None and proc.poll() is None:
-            # Throwaway data: no graceful shutdown (it waits for idle keep-alive clients for seconds).
-            proc.kill()
-            proc.wait()
+        if weed is not None:
+            weed.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[S3Server]:
+    with weed_process() as weed:
+        yield weed.server
 
 
 def _wait_s3_ready(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
@@ -243,3 +268,76 @@ def _wait_s3_ready(server: S3Server, proc: subprocess.Popen, log: Path) -> None:
             last = e
             time.sleep(0.2)
     raise ServiceUnavailable(f"S3 not ready after {START_TIMEOUT_S} s: {last}: {_tail(log)}")
+
+
+# ---- MLflow tracking server ---------------------------------------------------------------------
+
+
+@dataclass
+class MlflowServer:
+    url: str                # MLFLOW_TRACKING_URI for clients (no credentials: the server holds them)
+    backend_database: str   # the PostgreSQL database holding runs and the model registry
+    artifacts: str          # s3://bucket/prefix the server streams artifacts to
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback test server
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(pg: PostgresServer, s3: S3Server, database: str = "mlflow",
+                  bucket: str = "mlflow-artifacts") -> Iterator[MlflowServer]:
+    """`mlflow server` on 127.0.0.1: runs + registry in PostgreSQL, artifacts proxied to S3.
+
+    The production layout of docker-compose.yml with real processes. Clients need only the URL:
+    the server holds the database password (PGPASSWORD, not on its command line) and the S3 keys.
+    """
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if not exe:
+        raise ServiceUnavailable("no `mlflow` executable")
+    pg.create_database(database)
+    client = s3.client()
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        client.create_bucket(Bucket=bucket)
+    port = free_ports(1)[0]
+    root = Path(tempfile.mkdtemp(prefix="heimdall-mlflow-"))
+    log = root / "mlflow.log"
+    artifacts = f"s3://{bucket}/artifacts"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(s3.env(), PGPASSWORD=pg.password, MLFLOW_S3_ENDPOINT_URL=s3.endpoint_url,
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+    cmd = [exe, "server", "--backend-store-uri", f"postgresql+psycopg2://{pg.user}@{pg.host}:{pg.port}/{database}",
+           "--serve-artifacts", "--artifacts-destination", artifacts,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = None
+    try:
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                    start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        # first start creates the schema in PostgreSQL (alembic migrations): tens of seconds on 2 cores
+        deadline = time.monotonic() + 4 * START_TIMEOUT_S
+        while not _http_ok(url + "/health"):
+            if proc.poll() is not None:
+                raise ServiceUnavailable(f"mlflow server exited with {proc.returncode}: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"mlflow server not healthy after {4 * START_TIMEOUT_S} s: {_tail(log)}")
+            time.sleep(0.5)
+        yield MlflowServer(url, database, artifacts)
+    finally:
+        if proc is not None and proc.poll() is None:
+            # its own session: the uvicorn workers go with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        shutil.rmtree(root, ignore_errors=True)

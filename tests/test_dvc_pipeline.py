@@ -97,27 +97,43 @@ def test_failed_stage_leaves_no_output(pipeline_repo):
     assert not list((repo / "data").glob(".*tmp*"))
 
 
-def test_whole_pipeline_reruns_exactly_what_a_change_affects(pipeline_repo):
-    """All five stages; a no-op repro; a train param reruns exactly train, export_onnx, register."""
+SENTINEL = "Sentinel-Pa55-7f3a9c"
+
+
+def test_whole_pipeline_reruns_exactly_what_a_change_affects(pipeline_repo, monkeypatch, tmp_path):
+    """All five stages; a no-op repro; a train param reruns exactly train, export_onnx, register.
+
+    Credentials in the environment (database URL, S3 keys, MLflow password) never reach an output,
+    dvc.lock, a log line or the MLflow store."""
     from conftest import TINY_TRAIN
 
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    monkeypatch.setenv("HEIMDALL_DB_URL", f"postgresql://heimdall:{SENTINEL}@127.0.0.1:1/heimdall")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SENTINEL)
+    logs = []
+
     repo = pipeline_repo
-    d = tiny_params_dict(120)
-    for dotted, value in {**TINY_TRAIN, "export_onnx.latency_runs": 10}.items():
-        node = d
-        *parents, leaf = dotted.split(".")
-        for k in parents:
-            node = node[k]
-        node[leaf] = value
+    d = tiny_params_dict(120, **{**TINY_TRAIN, "export_onnx.latency_runs": 10})
     (repo / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     stages = {"export_sessions", "extract_features", "train", "export_onnx", "register"}
-    assert _ran(_run(["dvc", "repro"], repo)) == stages
+    logs.append(_run(["dvc", "repro"], repo))
+    assert _ran(logs[-1]) == stages
     assert _ran(_run(["dvc", "repro"], repo)) == set()
     registry = yaml.safe_load((repo / "models/registry.json").read_text())
     assert registry["version"] == "1" and "champion" in registry["aliases"]
 
     _set_param(repo, "train.lr", 0.001)
-    assert _ran(_run(["dvc", "repro"], repo)) == {"train", "export_onnx", "register"}
+    logs.append(_run(["dvc", "repro"], repo))
+    assert _ran(logs[-1]) == {"train", "export_onnx", "register"}
     registry = yaml.safe_load((repo / "models/registry.json").read_text())
     assert registry["version"] == "2" and "candidate" in registry["aliases"]
     assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+    secret = SENTINEL.encode()
+    assert not any(SENTINEL in log for log in logs)
+    scanned = [p for p in [*repo.rglob("*"), *store.parent.rglob("*")] if p.is_file() and ".git" not in p.parts]
+    assert store in scanned and repo / "dvc.lock" in scanned and repo / "models/model.onnx" in scanned
+    leaks = [str(p) for p in scanned if secret in p.read_bytes()]
+    assert not leaks, f"sentinel password found in {leaks}"

@@ -395,3 +395,46 @@ def test_dvc_refresh_recipe_reruns_downstream_only_when_the_data_changed(db, tmp
     db("UPDATE heimdall.recording_sessions SET approval_status = 'rejected' WHERE id = %s", (ids[0],))
     assert _ran(_run(["dvc", "repro", "-f", "-s", "export_sessions"], repo)) == {"export_sessions"}
     assert _ran(_run(["dvc", "repro", "extract_features"], repo)) == {"extract_features"}
+
+
+def test_database_connections_killed_during_export(db, postgres_server, tmp_path):
+    """Every connection of the export's database is terminated while it runs (a server restart as the
+    export sees it): a clear error and no output, or a complete export; the next export is identical
+    to an undisturbed one."""
+    import threading
+
+    params = _params(tmp_path)
+    reference = tmp_path / "reference.h5"
+    export_sessions.run(params, reference, progress=False)
+    dbname = db("SELECT current_database()")[0][0]
+    stop = threading.Event()
+    killed = []
+
+    def killer():
+        while not stop.is_set():
+            rows = postgres_server.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                args=(dbname,))
+            killed.extend(r for r in rows if r[0])
+            time.sleep(0.005)
+
+    out = tmp_path / "sessions.h5"
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        try:
+            export_sessions.run(params, out, progress=False)
+            outcome = "exported"
+        except HeimdallError as e:
+            outcome = str(e)
+            assert "\n" not in outcome and postgres_server.password not in outcome
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "the killer never found the export's connection"
+    if outcome == "exported":
+        assert out.read_bytes() == reference.read_bytes()
+    else:
+        assert not out.exists() and not list(tmp_path.glob(".sessions.h5.tmp-*"))
+    export_sessions.run(params, out, progress=False)
+    assert out.read_bytes() == reference.read_bytes()

@@ -18,8 +18,8 @@ from heimdall.stages import register
 from heimdall.tracking import redact_uri
 
 
-def _test_json(path, median):
-    path.write_text(json.dumps({"n_test": 10, "median_error_m": median, "mean_error_m": 2 * median,
+def _test_json(path, median, n_test=10):
+    path.write_text(json.dumps({"n_test": n_test, "median_error_m": median, "mean_error_m": 2 * median,
                                 "coverage_1sigma": 0.4, "baselines": {"knn": {"median_error_m": 3 * median}}}))
     return path
 
@@ -37,7 +37,8 @@ def test_champion_moves_only_on_improvement(exported, store, tmp_path):
     out = tmp_path / "registry.json"
     runs = [(5000.0, True, "1"), (6000.0, False, "1"), (4000.0, True, "3"), (4000.0, False, "3")]
     for i, (median, promoted, champion) in enumerate(runs, start=1):
-        summary = register.run(params, onnx_path, _test_json(tmp_path / "test.json", median), out)
+        # (n_test varies so that every call is a different registration, see the idempotency test)
+        summary = register.run(params, onnx_path, _test_json(tmp_path / "test.json", median, n_test=i), out)
         reg = json.loads(out.read_text())
         assert reg["version"] == str(i) and summary["version"] == str(i)
         assert reg["promoted_to_champion"] is promoted
@@ -81,6 +82,37 @@ def test_champion_loads_in_a_fresh_process_and_predicts_like_the_file(exported, 
         np.testing.assert_array_equal(got[f"arr_{i}"], w)
 
 
+def test_rerun_registers_exactly_once(exported, store, tmp_path):
+    """Same model + same metrics (a rerun after a failure part-way): the version is reused."""
+    params = load_params(write_params(tmp_path / "params.yaml", tiny_params_dict()))
+    metrics = _test_json(tmp_path / "test.json", 777.0)
+    first = register.run(params, exported[0], metrics, tmp_path / "r1.json")
+    second = register.run(params, exported[0], metrics, tmp_path / "r2.json")
+    assert first["version"] == second["version"] == "1"
+    from mlflow.tracking import MlflowClient
+
+    assert len(MlflowClient(store).search_model_versions("name = 'heimdall-localization'")) == 1
+
+
+def test_unreachable_mlflow_server_fails_clearly(exported, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://heimdall:S3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    params = load_params(write_params(tmp_path / "params.yaml", tiny_params_dict()))
+    t0 = time.monotonic()
+    with pytest.raises(HeimdallError) as err:
+        register.run(params, exported[0], _test_json(tmp_path / "test.json", 1.0), tmp_path / "registry.json")
+    assert time.monotonic() - t0 < 60
+    msg = str(err.value)
+    assert f"127.0.0.1:{port}" in msg and "S3cret" not in msg and "\n" not in msg
+    assert not (tmp_path / "registry.json").exists()
+
+
 def test_registry_json_has_no_secrets(exported, tmp_path, monkeypatch):
     # SQLAlchemy accepts credentials in a sqlite URI's netloc? No: use a URI with a password query
     # value that MLflow ignores for sqlite, and credentials in the tracking URI itself.
@@ -117,17 +149,21 @@ def test_ellipse_geometry():
 
 
 def test_predict_positions_fall_inside_their_3sigma_ellipse(exported, tiny_campaign):
+    from heimdall.data import load_features
+
     _, sessions, features = tiny_campaign
+    fs = load_features(features)
     results = predict_sessions(sessions, exported[0])
-    assert len(results) == 240
-    inside = []
-    for r in results:
+    assert [r["session_id"] for r in results] == list(fs.session_id)
+    d2 = []
+    for r, target in zip(results, fs.target_enu_m):
         cov = np.asarray(r["covariance_m2"])
         assert np.isfinite(cov).all() and np.linalg.eigvalsh(cov).min() > 0
         assert -90 <= r["latitude_deg"] <= 90 and r["receivers_used"]
-        # error vector in ENU: Mahalanobis needs the direction; use |err| against the major axis (upper bound)
-        inside.append(r["error_m"] <= r["ellipse_2sigma"]["semi_major_m"] * 1.5)
-    assert np.mean(inside) > 0.8
+        err = np.array([r["east_m"], r["north_m"]]) - target
+        assert r["error_m"] == pytest.approx(float(np.hypot(*err)), rel=1e-6, abs=0.5)
+        d2.append(float(err @ np.linalg.solve(cov, err)))
+    assert np.mean(np.array(d2) <= 9.0) > 0.75  # inside the 3σ ellipse (ideal 98.9 %)
 
 
 def test_predict_matches_the_features_file(exported, tiny_campaign):
@@ -162,3 +198,24 @@ def test_predict_cli(exported, tiny_campaign):
     bad = subprocess.run([sys.executable, "-m", "heimdall", "predict", "--sessions", str(sessions), "--model",
                           str(sessions)], capture_output=True, text=True)
     assert bad.returncode == 1 and "not a loadable ONNX model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predict_refuses_malformed_and_oversized_inputs(exported, tiny_campaign, tmp_path, monkeypatch):
+    import heimdall.predict as predict
+
+    _, sessions, _ = tiny_campaign
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(HeimdallError) as err:
+        predict_sessions(garbage, exported[0])
+    assert str(garbage) in str(err.value) and "\n" not in str(err.value)
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(sessions.read_bytes()[:50_000])
+    with pytest.raises(HeimdallError):
+        predict_sessions(truncated, exported[0])
+    monkeypatch.setattr(predict, "MAX_SESSIONS", 5)
+    with pytest.raises(HeimdallError, match="at most 5"):
+        predict_sessions(sessions, exported[0])
+    monkeypatch.setattr(predict, "MAX_IQ_SAMPLES", 100)
+    with pytest.raises(HeimdallError, match="exceeds the limit"):
+        predict_sessions(sessions, exported[0], ["whatever"])

@@ -165,3 +165,36 @@ def test_batch_larger_than_train_split_is_clamped(tiny_campaign, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     summary, out = _run(tmp_path, features, **{"train.batch_size": 10_000, "train.max_epochs": 1})
     assert (out / "model.ckpt").exists() and summary["epochs"] == 1
+
+
+def test_ddp_strategy_trains_on_two_processes_and_writes_once(tiny_campaign, tmp_path):
+    """train.strategy: ddp with 2 CPU devices (gloo): Lightning launches a second process; the run
+    completes, rank 0 alone writes the outputs and logs one MLflow run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    _, _, features = tiny_campaign
+    params = write_params(tmp_path / "p.yaml", tiny_params_dict(240, **{
+        **TINY_TRAIN, "train.max_epochs": 1, "train.accelerator": "cpu", "train.devices": 2, "train.strategy": "ddp"}))
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    exe = Path(sys.executable).parent / "heimdall"
+    proc = subprocess.run(
+        [str(exe), "train", "--params", str(params), "--features", str(features), "--out", str(out / "model.ckpt"),
+         "--metrics-dir", str(out / "metrics"), "--plots-dir", str(out / "plots"), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(line.split(": ", 1)[1]) for line in proc.stderr.splitlines()
+                 if line.startswith("heimdall train: ")]
+    assert sorted(s.get("global_rank", 0) for s in summaries) == [0, 1]
+    test = json.loads((out / "metrics/test.json").read_text())
+    assert np.isfinite(test["median_error_m"])
+    assert (out / "model.ckpt").stat().st_size > 0
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1

@@ -2,14 +2,40 @@
 
 A killed or failed stage therefore leaves either the previous output or none, never a
 half-written file that DVC would cache.
+
+A SIGKILLed writer (``kill -9``, the OOM killer) cannot delete its own temporary, so two things
+do it instead:
+
+* a **guardian**: the first ``atomic_path`` of a process starts a tiny helper process (its own
+  session, so signals aimed at the stage's process group do not reach it) and tells it the
+  temporary's path; the helper blocks on a pipe from the writer and, the moment the writer dies
+  for any reason, removes those of its temporaries that were never renamed. This matters under
+  DVC: after a killed stage, ``dvc repro`` may restore the outputs from its run cache without
+  running the stage again, so no later writer would ever come to sweep.
+* a **sweep** by the next writer of the same target, for the case where the guardian itself was
+  killed too.
+
+Whether a temporary's writer is still alive is decided by a lock the writer holds on it, not by
+its PID: PIDs are reused (a container's ``pid_max`` is often 32768) and a killed, unreaped process
+still answers ``kill(pid, 0)``; the kernel drops the lock the moment the process dies. An
+open-file-description ``fcntl`` lock is used because HDF5 takes its own ``flock`` on the file it
+writes (the two kinds do not conflict on Linux) and because, unlike a classic POSIX lock, it is
+not dropped when the writer's library closes another descriptor of the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import signal
+import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+_guardian: subprocess.Popen | None = None
 
 
 @contextlib.contextmanager
@@ -17,12 +43,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``target`` on success.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and the
-    target is left untouched.
+    target is left untouched. Writers must write *into* the yielded path (open/truncate it),
+    not replace it with another inode, so the liveness lock stays on the file being written.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        _try_lock(lock_fd)
+        _guard(tmp)
         yield tmp
         with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
             os.fsync(fh.fileno())
@@ -35,3 +66,67 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        os.close(lock_fd)
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Remove temporaries of ``target`` whose writer is gone (no lock held); return them."""
+    target = Path(target)
+    return _remove_unlocked(target.parent.glob(f".{target.name}.tmp-*"))
+
+
+def _remove_unlocked(paths) -> list[Path]:
+    removed = []
+    for stale in map(Path, paths):
+        try:
+            fd = os.open(stale, os.O_RDWR)
+        except OSError:
+            continue  # already renamed or removed, or not ours to touch
+        try:
+            _try_lock(fd)
+        except OSError:
+            continue  # a live writer holds it
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed.append(stale)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _try_lock(fd: int) -> None:
+    """Take an exclusive whole-file lock without waiting; raise OSError if another holds it."""
+    ofd_setlk = getattr(fcntl, "F_OFD_SETLK", None)
+    if ofd_setlk is None:  # not Linux: classic POSIX lock
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    # struct flock {short l_type, l_whence; off_t l_start, l_len; pid_t l_pid (0 for OFD)}
+    fcntl.fcntl(fd, ofd_setlk, struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+
+
+def _guard(tmp: Path) -> None:
+    """Tell this process's guardian about ``tmp`` (best effort: the sweep is the fallback)."""
+    global _guardian
+    try:
+        if _guardian is None or _guardian.poll() is not None:
+            _guardian = subprocess.Popen(
+                [sys.executable, "-m", "heimdall.atomic"], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                    str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+        _guardian.stdin.write(f"{tmp.resolve()}\n".encode())
+        _guardian.stdin.flush()
+    except OSError:
+        pass
+
+
+def _guardian_main() -> None:
+    """Read temporaries' paths until the writer's end of the pipe closes, then remove leftovers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    paths = sys.stdin.buffer.read().decode(errors="replace").splitlines()
+    _remove_unlocked(paths)
+
+
+if __name__ == "__main__":
+    _guardian_main()

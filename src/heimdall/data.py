@@ -60,14 +60,14 @@ class FeatureSet:
     def model_inputs(self, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The model's six inputs for the given sessions (receiver_id = stored receiver order)."""
         n = len(idx)
-        rid = np.broadcast_to(np.arange(self.n_receivers), (n, self.n_receivers))
+        rid = np.tile(np.arange(self.n_receivers, dtype=np.int64), (n, 1))
         return (
             torch.from_numpy(self.logmel[idx]),
             torch.from_numpy(self.rss_dbm[idx]),
             torch.from_numpy(self.snr_db[idx]),
             torch.from_numpy(self.present[idx].astype(np.float32)),
             torch.from_numpy(self.has_iq[idx].astype(np.float32)),
-            torch.from_numpy(np.ascontiguousarray(rid, dtype=np.int64)),
+            torch.from_numpy(rid),
         )
 
 

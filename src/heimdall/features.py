@@ -15,6 +15,10 @@ import torchaudio
 
 # Floor added before the log: -200 dBm, far below any thermal noise floor.
 POWER_FLOOR_MW = 1e-20
+# Readings outside these ranges are not measurements (corrupt rows, sentinel values): dropped and
+# counted. RSS in dBm; IQ calibration scale in sqrt(mW) per int16 count (1e3: full scale = +90 dBm).
+RSS_RANGE_DBM = (-200.0, 60.0)
+IQ_SCALE_MAX = 1e3
 
 
 def hop_length_for(n_samples: int, n_fft: int, n_frames: int) -> int:
@@ -93,14 +97,19 @@ def featurize_block(present, rss_dbm, snr_db, has_iq, iq_scale, iq, frontend: Lo
     """
     present = np.asarray(present, dtype=bool)
     has_iq = np.asarray(has_iq, dtype=bool) & present
-    bad = present & ~np.isfinite(rss_dbm)
-    bad_iq = has_iq & ~(np.isfinite(iq_scale) & (iq_scale > 0))
-    skipped = int(bad.sum()) + int((bad_iq & ~bad).sum())
+    with np.errstate(invalid="ignore"):
+        bad = present & ~((rss_dbm >= RSS_RANGE_DBM[0]) & (rss_dbm <= RSS_RANGE_DBM[1]))  # NaN fails too
+        bad_iq = has_iq & ~((iq_scale > 0) & (iq_scale <= IQ_SCALE_MAX))
+        snr_ok = np.isfinite(snr_db) & (np.abs(snr_db) <= 200.0)
     present = present & ~bad
     has_iq = has_iq & present & ~bad_iq
-    snr = np.where(present & np.isfinite(snr_db), snr_db, 0.0).astype(np.float32)
+    snr = np.where(present & snr_ok, snr_db, 0.0).astype(np.float32)
     rss = np.where(present, rss_dbm, 0.0).astype(np.float32)
     with torch.no_grad():
         mel = frontend(iq_int16_to_complex(iq, np.where(has_iq, iq_scale, 0.0))).numpy()
+    broken = has_iq & ~np.isfinite(mel).all(axis=(-2, -1))  # belt and braces: never a non-finite feature
+    has_iq &= ~broken
+    bad_iq |= broken
+    skipped = int(bad.sum()) + int((bad_iq & ~bad).sum())
     mel[~has_iq] = 0.0
     return {"logmel_db": mel, "rss_dbm": rss, "snr_db": snr, "present": present, "has_iq": has_iq}, skipped

@@ -43,6 +43,10 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 2
     dropout: float = 0.0
+    # "direct": the head regresses the mean; "receivers": the mean is an attention-weighted average
+    # of the present receivers' positions plus the head's offset (a weighted centroid: generalises to
+    # areas without training sessions, where a direct regressor extrapolates poorly).
+    head: str = "direct"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +151,8 @@ class LocalizationNet(nn.Module):
         c = config
         if c.inputs not in ("spectrogram", "scalars", "both"):
             raise ValueError(f"model.inputs must be spectrogram, scalars or both, got {c.inputs!r}")
+        if c.head not in ("direct", "receivers"):
+            raise ValueError(f"model.head must be direct or receivers, got {c.head!r}")
         n = normalization
         # Positions are normalised with one isotropic scale so covariances stay metric.
         pos_scale = torch.sqrt((n["target_std_m"].double() ** 2).mean()).float()
@@ -155,6 +161,10 @@ class LocalizationNet(nn.Module):
         self.register_buffer("receiver_enu_m", receiver_enu_m.float().clone())
         for key in ("logmel_mean_db", "logmel_std_db", "rss_mean_dbm", "rss_std_db", "snr_mean_db", "snr_std_db"):
             self.register_buffer(key, n[key].float().clone().reshape(n[key].shape))
+        # Data without SNR (e.g. RSS-only datasets: SNR stored as 0 dB) has a degenerate SNR std (the
+        # 1e-6 floor): its normalised SNR would be 0 at inference but ±augment_power_db / 1e-6 in
+        # training. A constant feature carries no information: switch it off (1.0 otherwise: unchanged).
+        self.register_buffer("snr_weight", (self.snr_std_db > 1e-3).float(), persistent=False)
 
         d = c.d_model
         self.use_spec = c.inputs in ("spectrogram", "both")
@@ -168,6 +178,8 @@ class LocalizationNet(nn.Module):
         self.fuse = nn.Linear(d * (4 if self.use_spec else 3), d)
         self.blocks = nn.ModuleList(MaskedSelfAttention(d, c.n_heads, c.dropout) for _ in range(c.n_layers))
         self.head = nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 5))
+        if c.head == "receivers":
+            self.anchor_score = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
 
         # Likelihood refinement (optional: a model without a map is the network alone).
         self.has_map = radio_map is not None
@@ -194,7 +206,7 @@ class LocalizationNet(nn.Module):
         present = present.float()
         has_iq = has_iq.float() * present
         rss = (rss_dbm - self.rss_mean_dbm) / self.rss_std_db * present
-        snr = (snr_db - self.snr_mean_db) / self.snr_std_db * present
+        snr = (snr_db - self.snr_mean_db) / self.snr_std_db * present * self.snr_weight
         flags = torch.stack([present, has_iq], dim=-1)
         scalars = torch.cat([torch.stack([rss, snr], dim=-1), flags], -1) if self.use_scalars else flags
         pos = (self.receiver_enu_m[receiver_id] - F.pad(self.pos_mean, (0, 1))) / self.pos_scale
@@ -211,6 +223,10 @@ class LocalizationNet(nn.Module):
         pooled = torch.cat([(x * w).sum(1) / count, (x + (w - 1.0) * 1e4).amax(1) * (count > 0).float()], -1)
         out = self.head(pooled)
         mean = out[:, :2]
+        if self.config.head == "receivers":
+            score = self.anchor_score(x)[..., 0] + (present - 1.0) * 1e4  # absent receivers: weight 0
+            anchor = (torch.softmax(score, dim=1)[..., None] * pos[..., :2]).sum(1)
+            mean = mean + anchor
         l11 = F.softplus(out[:, 2]) + 1e-3
         l22 = F.softplus(out[:, 3]) + 1e-3
         zero = torch.zeros_like(l11)

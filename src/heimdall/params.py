@@ -168,6 +168,7 @@ class ModelParams(_Section):
     n_heads: int = Field(ge=1, le=32)
     n_layers: int = Field(ge=0, le=12)
     dropout: float = Field(ge=0, lt=1)
+    head: Literal["direct", "receivers"] = "direct"  # mean: regressed, or receivers' weighted centroid + offset
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelParams":
@@ -196,6 +197,12 @@ class TrainParams(_Section):
     gradient_clip: float = Field(gt=0)
     augment_power_db: float = Field(ge=0, le=40)
     augment_drop_receiver: float = Field(ge=0, lt=1)
+    # Lightning hardware: auto picks a GPU when there is one (docs/performance.md); ddp with devices > 1
+    # is Lightning's DistributedDataParallel, one process per device.
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    strategy: Literal["auto", "ddp"] = "auto"
+    num_nodes: int = Field(default=1, ge=1, le=1024)  # multi-node ddp: launched by torchrun/SLURM per node
     radio_map: RadioMapParams
     mlflow_experiment: str = Field(min_length=1)
 

@@ -31,14 +31,14 @@ def resolve_model(model: str | Path, workdir: Path) -> Path:
         return Path(text)
     import mlflow
 
-    from heimdall.tracking import redact_uri, tracking_uri
+    from heimdall.tracking import redact_uri, scrub, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(workdir)))
     except Exception as e:  # noqa: BLE001 - any registry/store failure is the user's URI or server
         raise HeimdallError(f"{text}: cannot fetch the model from MLflow at {redact_uri(tracking_uri())}: "
-                            f"{str(e).strip().splitlines()[0]}") from None
+                            f"{scrub(str(e).strip().splitlines()[0])}") from None
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
     if not found:
         raise HeimdallError(f"{text}: the MLflow model holds no .onnx file")

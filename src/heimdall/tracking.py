@@ -4,6 +4,11 @@ Default store: an embedded SQLite database at ``<repo>/mlflow.db`` with artifact
 ``<repo>/mlartifacts`` — an absolute path at the repository root (``DVC_ROOT`` when DVC runs the
 stage), so `dvc repro`, `dvc exp run` and queued experiments all log to one place.
 ``MLFLOW_TRACKING_URI`` overrides it (e.g. an MLflow server backed by PostgreSQL + S3).
+
+Lineage (the git commit and the dvc.lock md5s) comes from the *workspace* the stage runs in, which
+is not always ``DVC_ROOT``: a queued experiment (`dvc exp run --queue`) runs in a temporary clone
+under ``.dvc/tmp/exps/`` with its own dvc.lock, while DVC points ``DVC_ROOT`` at the parent
+repository so that its runs land in the parent's store.
 """
 
 from __future__ import annotations
@@ -28,6 +33,23 @@ def repo_root() -> Path:
         return Path.cwd().resolve()
 
 
+def workspace_root() -> Path:
+    """The DVC workspace this process runs in: the nearest ancestor of the cwd holding ``.dvc/``.
+
+    DVC runs a stage with the cwd at its workspace (the repository, or an experiment's temporary
+    clone); outside DVC this is the checkout the cwd is in.
+    """
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / ".dvc").is_dir():
+            return d
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return cwd
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB}"
 
@@ -48,6 +70,13 @@ def redact_uri(uri: str) -> str:
     return out
 
 
+def scrub(text: str) -> str:
+    """Remove user info from every URL in a message (server errors quote the URL they called)."""
+    import re
+
+    return re.sub(r"(//)[^/@\s]+@", r"\1", text)
+
+
 def artifact_location() -> str | None:
     """Artifact root for experiments created here (only for the embedded default store)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -57,7 +86,8 @@ def artifact_location() -> str | None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=repo_root())
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=workspace_root())
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -65,7 +95,7 @@ def git_commit() -> str:
 
 def dvc_lock_md5(path: str | Path) -> str:
     """md5 DVC recorded in dvc.lock for an output path ('unknown' outside a DVC pipeline)."""
-    lock = repo_root() / "dvc.lock"
+    lock = workspace_root() / "dvc.lock"
     try:
         stages = yaml.safe_load(lock.read_text()).get("stages", {})
     except (OSError, yaml.YAMLError, AttributeError):

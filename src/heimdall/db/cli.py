@@ -1,4 +1,4 @@
-"""``heimdall db <init|seed>``: the database verbs, registered by heimdall.cli."""
+"""``heimdall db <init|seed|import-powder>``: the database verbs, registered by heimdall.cli."""
 
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ def _cmd_seed(args) -> dict:
     return seed_from_simulation(params, Database(), progress=not args.no_progress)
 
 
+def _cmd_import_powder(args) -> dict:
+    from heimdall.db.connect import Database
+    from heimdall.db.powder import import_powder
+
+    return import_powder(args.csv, args.receivers, Database(), frequency_mhz=args.frequency_mhz,
+                         tz_name=args.timezone, progress=not args.no_progress)
+
+
 def add_parser(sub) -> None:
     """Add the ``db`` verb group to the top-level subparsers."""
     db = sub.add_parser(
         "db",
-        help="Heimdall PostgreSQL database: create the schema, seed a simulated campaign",
+        help="Heimdall PostgreSQL database: create the schema, seed a simulated campaign, import POWDER",
         description="Database helpers for export_sessions.source: postgres (docs/sources.md). The database "
         "comes from HEIMDALL_DB_URL, the IQ store from HEIMDALL_S3_ENDPOINT_URL and the standard AWS "
         "credential variables.",
@@ -65,3 +73,20 @@ def add_parser(sub) -> None:
                    help="sessions to simulate (default: export_sessions.n_sessions)")
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
     p.set_defaults(func=_cmd_seed)
+
+    p = dbsub.add_parser(
+        "import-powder",
+        help="load the POWDER 462.7 MHz RSS dataset (single_tx.csv + location_coordinates.json)",
+        description="Load the POWDER campus RSS dataset into the Heimdall schema (docs/sources.md): one station "
+        "per fixed receiver, one known source + one approved recording session per sample (its timestamp kept), "
+        "one measurement (signal_strength_db, no SNR, no IQ) per fixed receiver that heard it; -101 dBm = not "
+        "received = no row. Bus receivers have no fixed position: skipped and counted. Runs `db init` first; "
+        "idempotent (deterministic ids, a second import inserts nothing).",
+    )
+    p.add_argument("--csv", type=Path, required=True, help="single_tx.csv")
+    p.add_argument("--receivers", type=Path, required=True, help="location_coordinates.json")
+    p.add_argument("--frequency-mhz", type=float, default=462.7, help="carrier of every sample (default: %(default)s)")
+    p.add_argument("--timezone", default="UTC",
+                   help="zone of the CSV's timestamps when they carry none (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    p.set_defaults(func=_cmd_import_powder)

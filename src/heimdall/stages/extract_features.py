@@ -120,6 +120,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     layout = {fld.path: fld for fld in c.FEATURES_LAYOUT}
     logmel_stats, rss_stats, snr_stats = _RunningMoments(p.n_mels), _RunningMoments(), _RunningMoments()
     skipped_nonfinite = 0
+    no_receivers = 0
     with h5py.File(path, "w") as f:
         f.attrs.update({
             "format": c.FEATURES_FORMAT,
@@ -165,6 +166,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
                     frontend,
                 )
                 skipped_nonfinite += skipped
+                no_receivers += int((~feats["present"].any(axis=1)).sum())
                 mel, rss, snr = feats["logmel_db"], feats["rss_dbm"], feats["snr_db"]
                 present, has_iq = feats["present"], feats["has_iq"]
                 logmel[sl] = mel
@@ -193,4 +195,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
             c.create(f, fld, np.shape(v))[...] = v
 
     counts = {name: int((split == code).sum()) for name, code in c.SPLIT_CODES.items()}
-    return {"sessions": n, "receivers": r, "split": counts, "skipped_nonfinite_measurements": skipped_nonfinite}
+    # Sessions left with no usable receiver are kept (the model answers with its prior; metrics stay
+    # finite) and counted, so a bad export is visible in the stage summary.
+    return {"sessions": n, "receivers": r, "split": counts, "skipped_nonfinite_measurements": skipped_nonfinite,
+            "sessions_without_receivers": no_receivers}

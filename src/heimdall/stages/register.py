@@ -24,7 +24,7 @@ from pathlib import Path
 from heimdall.atomic import atomic_path
 from heimdall.errors import HeimdallError
 from heimdall.params import Params
-from heimdall.tracking import artifact_location, dvc_lock_md5, git_commit, redact_uri, tracking_uri
+from heimdall.tracking import artifact_location, dvc_lock_md5, git_commit, redact_uri, scrub, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +106,30 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
         **({"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
         **{f"test.{k}": repr(v) for k, v in metrics.items()},
     }
+    # Idempotency: a rerun after a failure part-way (e.g. the server went away after the version was
+    # created) finds that version instead of registering the same model and metrics twice.
+    key = hashlib.sha256(json.dumps({"onnx_md5": onnx_md5, "test": metrics}, sort_keys=True).encode()).hexdigest()
+    tags["registration_key"] = key
+    # Bounded waits on an unreachable server (MLflow's own defaults retry for minutes); the user's
+    # settings win.
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(var, value)
     uri = tracking_uri()
     safe_uri = redact_uri(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    signature, proto = _signature(onnx_path)
 
     try:
-        experiment_id = _experiment_id(client, p.mlflow_experiment)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or "register",
-                              tags={**tags, "heimdall.stage": "register"}) as active:
-            mlflow.log_metrics({f"test_{k.replace('.', '_')}": v for k, v in metrics.items()})
-            info = mlflow.onnx.log_model(
-                proto, name="model", signature=signature, onnx_execution_providers=["CPUExecutionProvider"],
-                save_as_external_data=False,  # one self-contained file, like models/model.onnx
-            )
-            run_id = active.info.run_id
         _ensure_registered(client, p.model_name)
-        mv = client.create_model_version(p.model_name, info.model_uri, run_id=run_id, tags=tags)
+        existing = client.search_model_versions(f"name = '{p.model_name}' and tags.registration_key = '{key}'")
+        if existing:
+            mv = max(existing, key=lambda v: int(v.version))
+            run_id = mv.run_id
+            log.info("%s version %s already registers this model with these metrics: reusing it", p.model_name,
+                     mv.version)
+        else:
+            mv, run_id = _log_and_register(client, p, tags, metrics, onnx_path)
         version = str(mv.version)
         client.set_registered_model_alias(p.model_name, CANDIDATE, version)
 
@@ -137,7 +143,7 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
             client.set_registered_model_alias(p.model_name, CHAMPION, version)
         aliases = sorted(client.get_model_version(p.model_name, version).aliases)
     except MlflowException as e:
-        raise HeimdallError(f"MLflow at {safe_uri}: {str(e).strip().splitlines()[0]}") from None
+        raise HeimdallError(f"MLflow at {safe_uri}: {scrub(str(e).strip().splitlines()[0])}") from None
 
     registry = {
         "name": p.model_name,
@@ -156,6 +162,26 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
         tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     log.info("registered %s version %s (%s)", p.model_name, version, ", ".join(aliases))
     return {"name": p.model_name, "version": version, "aliases": aliases, "promoted_to_champion": promoted}
+
+
+def _log_and_register(client, p, tags: dict, metrics: dict, onnx_path: Path):
+    """Log the ONNX file in a new run and create a model version from it -> (version, run id)."""
+    import mlflow
+
+    signature, proto = _signature(onnx_path)
+    experiment_id = _experiment_id(client, p.mlflow_experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or "register",
+                          tags={**tags, "heimdall.stage": "register"}) as active:
+        mlflow.log_metrics({f"test_{k.replace('.', '_')}": v for k, v in metrics.items()})
+        info = mlflow.onnx.log_model(
+            proto, name="model", signature=signature, onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,  # one self-contained file, like models/model.onnx
+        )
+        run_id = active.info.run_id
+    # model_id: an MLflow server rejects a models:/ source without it (the embedded store does not)
+    mv = client.create_model_version(p.model_name, info.model_uri, run_id=run_id, tags=tags,
+                                     model_id=info.model_id)
+    return mv, run_id
 
 
 def _ensure_registered(client, name: str) -> None:

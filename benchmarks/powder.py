@@ -1,0 +1,235 @@
+"""The POWDER 462.7 MHz benchmark: the real RSS dataset through the production path, end to end.
+
+    python benchmarks/powder.py [--data ../shared/datasets/powder-frs-462mhz]
+
+1. starts a throwaway PostgreSQL 15 (tests/services.py; binaries in /usr/lib/postgresql/15/bin or
+   HEIMDALL_TEST_PG_BIN) and loads the dataset with `heimdall db import-powder`;
+2. copies this checkout (git's tracked + untracked-not-ignored files) into a fresh temporary git repo
+   and runs `dvc exp run -n powder -S ...` there with the preset benchmarks/powder.params.yaml
+   (source: postgres, RSS-only model, spatially held-out split), so the whole unchanged pipeline runs;
+3. reads the experiment's metrics back from `dvc exp show --json`, checks they equal the stage's
+   models/metrics/test.json, and prints the table of docs/results.md.
+
+Nothing is written to this checkout; the product never reads ../shared (only this script does).
+`--print-exp-command` prints the `dvc exp run` line for an existing database instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "benchmarks" / "powder.params.yaml"
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "powder-frs-462mhz"
+EXP_NAME = "powder"
+
+
+def preset() -> dict:
+    return yaml.safe_load(PRESET.read_text())
+
+
+def exp_command(name: str = EXP_NAME, split_seed: int | None = None) -> list[str]:
+    args = ["dvc", "exp", "run", "-n", name]
+    for key, value in preset().items():
+        args += ["-S", f"{key}={value}"]
+    if split_seed is not None:  # another spatial split: which 250 m blocks are val / test
+        args += ["-S", f"extract_features.split.seed={split_seed}"]
+    return args
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", **extra)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict, quiet: bool = False) -> str:
+    print("$ " + shlex.join(args), flush=True)
+    proc = subprocess.run(args, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if not quiet or proc.returncode:
+        print(proc.stdout[-4000:], flush=True)
+    if proc.returncode:
+        raise SystemExit(f"benchmarks/powder.py: {args[0]} {args[1]} failed with exit status {proc.returncode}")
+    return proc.stdout
+
+
+def copy_checkout(dest: Path) -> None:
+    """This checkout's source (tracked + untracked-not-ignored files) as a fresh git repo at dest."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def _find_exp(node, name: str):
+    """The `dvc exp show --json` entry of experiment ``name`` (the schema nests by baseline)."""
+    if isinstance(node, dict):
+        if node.get("name") == name and isinstance(node.get("data"), dict):
+            return node["data"]
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_exp(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+def machine() -> str:
+    from _bench import cpu_model  # benchmarks/ is on sys.path when this runs as a script
+
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def table(test: dict, train: dict) -> str:
+    fit = train["radio_map_fit_s"] + train["fit_s"]
+    rows = [("LocalizationNet (map x network)", test, fit, True),
+            ("  network alone", test["network_only"], train["fit_s"], True)]
+    names = {"knn": "kNN fingerprinting (k on val)", "kriged_map": "ML, kriged map",
+             "ml_logdistance": "ML, log-distance map"}
+    for key in ("knn", "kriged_map", "ml_logdistance"):
+        rows.append((names[key], test["baselines"][key], test["baselines"][key]["wall_s"], False))
+    out = [f"| estimator | mean m | median m | p90 m | 1σ cov. | 2σ cov. | train s |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r, secs, cov in rows:
+        c1 = f"{r['coverage_1sigma']:.3f}" if cov else "–"
+        c2 = f"{r['coverage_2sigma']:.3f}" if cov else "–"
+        out.append(f"| {label} | {r['mean_error_m']:.0f} | {r['median_error_m']:.0f} | {r['p90_error_m']:.0f} | "
+                   f"{c1} | {c2} | {secs:.0f} |")
+    return "\n".join(out)
+
+
+def _params_split_seed() -> int:
+    return int(yaml.safe_load((REPO / "params.yaml").read_text())["extract_features"]["split"]["seed"])
+
+
+SPLIT_COLUMNS = (("model mean m", lambda t: t["mean_error_m"]), ("model median m", lambda t: t["median_error_m"]),
+                 ("kNN mean m", lambda t: t["baselines"]["knn"]["mean_error_m"]),
+                 ("kriged mean m", lambda t: t["baselines"]["kriged_map"]["mean_error_m"]),
+                 ("log-dist. mean m", lambda t: t["baselines"]["ml_logdistance"]["mean_error_m"]),
+                 ("model vs kNN %", lambda t: 100 * (1 - t["mean_error_m"] / t["baselines"]["knn"]["mean_error_m"])),
+                 ("1σ cov.", lambda t: t["coverage_1sigma"]), ("2σ cov.", lambda t: t["coverage_2sigma"]))
+
+
+def split_table(splits: dict[int, dict]) -> str:
+    """One row per spatial split, then mean and standard deviation across splits."""
+    import numpy as np
+
+    out = ["| split seed | n test | " + " | ".join(c for c, _ in SPLIT_COLUMNS) + " |",
+           "|---:|---:|" + "---:|" * len(SPLIT_COLUMNS)]
+    fmt = lambda v: f"{v:.3f}" if abs(v) < 1 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"  # noqa: E731
+    values = np.array([[f(t) for _, f in SPLIT_COLUMNS] for t in splits.values()])
+    for (seed, t), row in zip(splits.items(), values):
+        out.append(f"| {seed} | {t['n_test']} | " + " | ".join(fmt(v) for v in row) + " |")
+    out.append("| mean | | " + " | ".join(fmt(v) for v in values.mean(0)) + " |")
+    out.append("| std | | " + " | ".join(fmt(v) for v in values.std(0, ddof=1)) + " |")
+    return "\n".join(out)
+
+
+def _save_splits(splits: dict[int, dict]) -> None:
+    out = REPO / "benchmarks" / "results" / "powder_splits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = {str(seed): {c: f(t) for c, f in SPLIT_COLUMNS} | {"n_test": t["n_test"]} for seed, t in splits.items()}
+    out.write_text(json.dumps({"machine": machine(), "splits": rows}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with single_tx.csv and location_coordinates.json (default: %(default)s)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the run here (default: a temp dir, removed)")
+    parser.add_argument("--split-seeds", type=int, nargs="*", default=[], metavar="SEED",
+                        help="also run the experiment on these other spatial splits "
+                             "(extract_features.split.seed) and print the spread across splits")
+    parser.add_argument("--print-exp-command", action="store_true",
+                        help="print the `dvc exp run` command of the preset and exit")
+    args = parser.parse_args()
+    if args.print_exp_command:
+        print(shlex.join(exp_command()))
+        return
+    csv_path, receivers = args.data / "single_tx.csv", args.data / "location_coordinates.json"
+    for p in (csv_path, receivers):
+        if not p.exists():
+            raise SystemExit(f"benchmarks/powder.py: {p} not found (--data)")
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from services import postgres_server  # the tests' throwaway server
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="heimdall-powder-")) if args.workdir is None else args.workdir
+    repo = work / "repo"
+    try:
+        repo.mkdir(parents=True, exist_ok=False)
+        copy_checkout(repo)
+        with postgres_server() as pg:
+            url = pg.create_database("powder")
+            env = _env(HEIMDALL_DB_URL=url, MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db")
+            _run(["git", "init", "-q"], repo, env)
+            _run(["git", "add", "-A"], repo, env)
+            _run(["git", "-c", "user.name=bench", "-c", "user.email=bench@heimdall.invalid", "commit", "-q",
+                  "-m", "checkout"], repo, env)
+            _run(["heimdall", "db", "import-powder", "--csv", str(csv_path), "--receivers", str(receivers),
+                  "--no-progress"], repo, env)
+            t0 = time.perf_counter()
+            _run(exp_command(), repo, env, quiet=True)
+            pipeline_s = time.perf_counter() - t0
+            on_disk = json.loads((repo / "models/metrics/test.json").read_text())
+            for seed in args.split_seeds:  # the sessions are exported once; features onward rerun
+                _run(exp_command(f"{EXP_NAME}-split{seed}", seed), repo, env, quiet=True)
+            shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, quiet=True))
+        exp = _find_exp(shown, EXP_NAME)
+        if exp is None:
+            raise SystemExit("benchmarks/powder.py: experiment 'powder' not in `dvc exp show --json`")
+        test = exp["metrics"]["models/metrics/test.json"]["data"]
+        train = exp["metrics"]["models/metrics/train.json"]["data"]
+        if on_disk != test:
+            raise SystemExit("benchmarks/powder.py: dvc exp show differs from models/metrics/test.json")
+        n = {k: v for k, v in test["baselines"].items() if k.startswith("n_")}
+        print(f"\nPOWDER 462.7 MHz, spatially held-out test split ({test['n_test']} sessions; "
+              f"block {preset()['extract_features.split.block_size_km']} km); from `dvc exp show` of "
+              f"experiment '{EXP_NAME}'. kNN k = {test['baselines']['knn'].get('k')}. {n or ''}")
+        print(table(test, train))
+        knn = test["baselines"]["knn"]["mean_error_m"]
+        print(f"model mean error vs kNN: {100 * (1 - test['mean_error_m'] / knn):+.1f} % below; "
+              f"calibration {json.dumps({k: v for k, v in train['calibration'].items()})}")
+        if args.split_seeds:
+            default_seed = preset().get("extract_features.split.seed", _params_split_seed())
+            splits = {default_seed: test}
+            for seed in args.split_seeds:
+                other = _find_exp(shown, f"{EXP_NAME}-split{seed}")
+                if other is None:
+                    raise SystemExit(f"benchmarks/powder.py: experiment '{EXP_NAME}-split{seed}' not in dvc exp show")
+                splits[seed] = other["metrics"]["models/metrics/test.json"]["data"]
+            print("\n" + split_table(splits))
+            _save_splits(splits)
+        print(f"pipeline (dvc exp run) {pipeline_s:.0f} s, total {time.perf_counter() - started:.0f} s")
+        print(f"machine: {machine()}")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
