@@ -75,7 +75,7 @@ def main() -> None:
             if m:
                 stage_s[m.group(1).replace("-", "_")] = json.loads(m.group(2)).get("wall_time_s")
         res["stage_wall_s"] = stage_s
-        status, _ = sh("dvc status --json", clone, env)
+        _, status = sh("dvc status --json", clone, env)
         res["status_after"] = status.strip()
         noop = []
         for _ in range(args.noop_repeats):
