@@ -40,10 +40,12 @@ def preset() -> dict:
     return yaml.safe_load(PRESET.read_text())
 
 
-def exp_command(name: str = EXP_NAME, split_seed: int | None = None) -> list[str]:
+def exp_command(name: str = EXP_NAME, split_seed: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     args = ["dvc", "exp", "run", "-n", name]
     for key, value in preset().items():
         args += ["-S", f"{key}={value}"]
+    for item in extra:  # --set: an experiment on top of the preset
+        args += ["-S", item]
     if split_seed is not None:  # another spatial split: which 250 m blocks are val / test
         args += ["-S", f"extract_features.split.seed={split_seed}"]
     return args
@@ -146,11 +148,12 @@ def split_table(splits: dict[int, dict]) -> str:
     return "\n".join(out)
 
 
-def _save_splits(splits: dict[int, dict]) -> None:
-    out = REPO / "benchmarks" / "results" / "powder_splits.json"
+def _save_splits(splits: dict[int, dict], overrides: list[str]) -> None:
+    name = "powder_splits" + ("-" + "-".join(o.replace("=", "_") for o in overrides) if overrides else "")
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = {str(seed): {c: f(t) for c, f in SPLIT_COLUMNS} | {"n_test": t["n_test"]} for seed, t in splits.items()}
-    out.write_text(json.dumps({"machine": machine(), "splits": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine(), "overrides": overrides, "splits": rows}, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
 
 
@@ -163,11 +166,13 @@ def main() -> None:
     parser.add_argument("--split-seeds", type=int, nargs="*", default=[], metavar="SEED",
                         help="also run the experiment on these other spatial splits "
                              "(extract_features.split.seed) and print the spread across splits")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra param override on top of the preset (repeatable), e.g. train.lr=0.001")
     parser.add_argument("--print-exp-command", action="store_true",
                         help="print the `dvc exp run` command of the preset and exit")
     args = parser.parse_args()
     if args.print_exp_command:
-        print(shlex.join(exp_command()))
+        print(shlex.join(exp_command(extra=tuple(args.set))))
         return
     csv_path, receivers = args.data / "single_tx.csv", args.data / "location_coordinates.json"
     for p in (csv_path, receivers):
@@ -193,11 +198,11 @@ def main() -> None:
             _run(["heimdall", "db", "import-powder", "--csv", str(csv_path), "--receivers", str(receivers),
                   "--no-progress"], repo, env)
             t0 = time.perf_counter()
-            _run(exp_command(), repo, env, quiet=True)
+            _run(exp_command(extra=tuple(args.set)), repo, env, quiet=True)
             pipeline_s = time.perf_counter() - t0
             on_disk = json.loads((repo / "models/metrics/test.json").read_text())
             for seed in args.split_seeds:  # the sessions are exported once; features onward rerun
-                _run(exp_command(f"{EXP_NAME}-split{seed}", seed), repo, env, quiet=True)
+                _run(exp_command(f"{EXP_NAME}-split{seed}", seed, tuple(args.set)), repo, env, quiet=True)
             shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, quiet=True))
         exp = _find_exp(shown, EXP_NAME)
         if exp is None:
@@ -223,7 +228,7 @@ def main() -> None:
                     raise SystemExit(f"benchmarks/powder.py: experiment '{EXP_NAME}-split{seed}' not in dvc exp show")
                 splits[seed] = other["metrics"]["models/metrics/test.json"]["data"]
             print("\n" + split_table(splits))
-            _save_splits(splits)
+            _save_splits(splits, args.set)
         print(f"pipeline (dvc exp run) {pipeline_s:.0f} s, total {time.perf_counter() - started:.0f} s")
         print(f"machine: {machine()}")
     finally:
