@@ -149,12 +149,11 @@ def split_table(splits: dict[int, dict]) -> str:
 
 
 def _save_splits(splits: dict[int, dict], overrides: list[str]) -> None:
+    from _bench import save
+
     name = "powder_splits" + ("-" + "-".join(o.replace("=", "_") for o in overrides) if overrides else "")
-    out = REPO / "benchmarks" / "results" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = {str(seed): {c: f(t) for c, f in SPLIT_COLUMNS} | {"n_test": t["n_test"]} for seed, t in splits.items()}
-    out.write_text(json.dumps({"machine": machine(), "overrides": overrides, "splits": rows}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {save(name, {'overrides': overrides, 'splits': rows}).relative_to(REPO)}")
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ benchmarks/results/powder_calibration.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import save  # benchmarks/ is on sys.path when this runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,7 @@ def main() -> None:
         print(f"| {exp} | " + " | ".join(f"{r['test'][0]:.3f} / {r['test'][1]:.3f}" for r in res.values()) + " |")
     means = {n: np.mean([[table[e][n]["test"][0], table[e][n]["test"][1]] for e in table], axis=0) for n in names}
     print("| mean | " + " | ".join(f"{m[0]:.3f} / {m[1]:.3f}" for m in means.values()) + " |")
-    out = REPO / "benchmarks" / "results" / "powder_calibration.json"
-    out.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {save('powder_calibration', {'experiments': table}).relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -81,50 +81,26 @@ def _isolated_mlflow_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throwaway PostgreSQL 15 cluster on 127.0.0.1 (skipped if unavailable; fails under CI=true)."""
-    from services import ServiceUnavailable, postgres_server as start, unavailable
+    import services
 
-    try:
-        ctx = start()
-        server = ctx.__enter__()
-    except ServiceUnavailable as e:
-        unavailable("PostgreSQL", str(e))
-    try:
-        yield server
-    finally:
-        ctx.__exit__(None, None, None)
+    yield from services.serve("PostgreSQL", services.postgres_server())
 
 
 @pytest.fixture(scope="session")
 def s3_server():
     """A SeaweedFS S3 server on 127.0.0.1 (skipped if unavailable; fails under CI=true)."""
-    from services import ServiceUnavailable, s3_server as start, unavailable
+    import services
 
-    try:
-        ctx = start()
-        server = ctx.__enter__()
-    except ServiceUnavailable as e:
-        unavailable("S3 (SeaweedFS)", str(e))
-    try:
-        yield server
-    finally:
-        ctx.__exit__(None, None, None)
+    yield from services.serve("S3 (SeaweedFS)", services.s3_server())
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(postgres_server, s3_server):
     """`mlflow server` on 127.0.0.1 backed by PostgreSQL (database 'mlflow') + S3 artifacts
     (s3://mlflow-artifacts/artifacts); ``.url`` is the MLFLOW_TRACKING_URI for clients."""
-    from services import ServiceUnavailable, mlflow_server as start, unavailable
+    import services
 
-    try:
-        ctx = start(postgres_server, s3_server)
-        server = ctx.__enter__()
-    except ServiceUnavailable as e:
-        unavailable("MLflow server", str(e))
-    try:
-        yield server
-    finally:
-        ctx.__exit__(None, None, None)
+    yield from services.serve("MLflow server", services.mlflow_server(postgres_server, s3_server))
 
 
 # A one-epoch, narrow LocalizationNet on the tiny campaign: real training, seconds of CPU.

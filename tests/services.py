@@ -43,6 +43,20 @@ def unavailable(what: str, why: str):
     pytest.skip(msg)
 
 
+def serve(what: str, server_context):
+    """Generator body of a server fixture: enter ``server_context`` (a services.* context manager),
+    yield the server, stop it on teardown; a server that cannot start goes to ``unavailable``.
+
+    Use as ``yield from serve("PostgreSQL", postgres_server())``.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(server_context)
+        except ServiceUnavailable as e:
+            unavailable(what, str(e))
+        yield server
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
     socks = []

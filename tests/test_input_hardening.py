@@ -47,15 +47,20 @@ def _copy(src: Path, tmp: Path, name: str) -> Path:
     return dst
 
 
+def _truncated(src: Path, tmp: Path, fraction: float) -> Path:
+    """A copy of ``src`` cut after ``fraction`` of its bytes."""
+    data = src.read_bytes()
+    cut = tmp / "cut.h5"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    return cut
+
+
 @SETTINGS
 @given(fraction=st.floats(0.0, 0.999))
 def test_truncated_sessions_file(small, tmp_path, fraction):
     params, sessions, _ = small
-    data = sessions.read_bytes()
-    cut = tmp_path / "cut.h5"
-    cut.write_bytes(data[: int(len(data) * fraction)])
     out = tmp_path / "features.h5"
-    result = _extract(params, cut, out)
+    result = _extract(params, _truncated(sessions, tmp_path, fraction), out)
     assert isinstance(result, HeimdallError)
 
 
@@ -63,11 +68,8 @@ def test_truncated_sessions_file(small, tmp_path, fraction):
 @given(fraction=st.floats(0.0, 0.999))
 def test_truncated_features_file(small, tmp_path, fraction):
     _, _, features = small
-    data = features.read_bytes()
-    cut = tmp_path / "cut.h5"
-    cut.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(HeimdallError):
-        load_features(cut)
+        load_features(_truncated(features, tmp_path, fraction))
 
 
 BAD_VALUES = st.sampled_from([np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, 0.0, -300.0])

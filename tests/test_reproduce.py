@@ -88,17 +88,9 @@ def _assert_in_sync_with_remote(repo: Path, env=None, remote: str = REMOTE) -> N
 @pytest.fixture(scope="module")
 def weed():
     """This module's own S3 server (one test kills and restarts it)."""
-    from services import ServiceUnavailable, unavailable, weed_process
+    import services
 
-    try:
-        ctx = weed_process()
-        w = ctx.__enter__()
-    except ServiceUnavailable as e:
-        unavailable("S3 (SeaweedFS)", str(e))
-    try:
-        yield w
-    finally:
-        ctx.__exit__(None, None, None)
+    yield from services.serve("S3 (SeaweedFS)", services.weed_process())
 
 
 @pytest.fixture(scope="module")
