@@ -98,6 +98,39 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(trained):
     assert {"test.json", "train.json", "map.png"} <= names
 
 
+def _coverage(mean, cov, target):
+    from heimdall.evaluation import mahalanobis_sq
+    m2 = mahalanobis_sq(mean, cov, target)
+    return float((m2 <= 1).mean()), float((m2 <= 4).mean())
+
+
+def test_covariance_weights_calibrate_a_gaussian_at_both_levels():
+    rng = np.random.default_rng(0)
+    n = 4000
+    local = np.broadcast_to(np.diag([4.0, 1.0]), (n, 2, 2)).copy()
+    remote = np.broadcast_to(np.eye(2) * 1e-4, (n, 2, 2)).copy()  # no far-away alternatives
+    target = rng.multivariate_normal([0, 0], np.diag([4.0, 1.0]), size=n)  # errors really are N(0, local)
+    a, b = train.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
+    c1, c2 = _coverage(np.zeros((n, 2)), a * local + b * remote, target)
+    assert abs(c1 - train.COVERAGE_1SIGMA) < 0.03 and abs(c2 - train.COVERAGE_2SIGMA) < 0.02
+    assert 0.75 < a < 1.35  # the posterior spread itself, unscaled
+
+
+def test_covariance_weights_put_2sigma_first_on_heavy_tailed_errors():
+    # 75 % of sessions on the right mode (error ~ local), 25 % on a wrong one (error ~ 8x farther,
+    # remote part proportional): no Gaussian matches both levels; 2σ must still be met.
+    rng = np.random.default_rng(1)
+    n = 4000
+    wrong = rng.random(n) < 0.25
+    local = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+    remote = np.eye(2) * rng.uniform(0.5, 20.0, size=n)[:, None, None]
+    target = rng.normal(size=(n, 2)) * np.where(wrong, 8.0, 1.0)[:, None]
+    a, b = train.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
+    c1, c2 = _coverage(np.zeros((n, 2)), a * local + b * remote, target)
+    assert abs(c2 - train.COVERAGE_2SIGMA) <= 0.015
+    assert c1 > train.COVERAGE_1SIGMA  # the price, in 1σ, of heavy tails
+
+
 def test_two_trainings_give_identical_weights(tiny_campaign, tmp_path, monkeypatch):
     _, _, features = tiny_campaign
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -196,12 +196,8 @@ class PlanarRefinement(nn.Module):
         total = local.sum(1, keepdim=True).clamp_min(1e-30)
         mean_e = (local * ge).sum(1, keepdim=True) / total
         mean_n = (local * gn).sum(1, keepdim=True) / total
-        # covariance from the posterior at its own calibrated temperature (models without one: the same)
-        t_cov = getattr(m, "covariance_temperature", None)
-        post_c = post if t_cov is None else torch.softmax(-0.5 * cost / t_cov - 0.5 * maha, dim=1)
-        local_c = post_c * near
         de, dn = ge - mean_e, gn - mean_n
-        weight = m.cov_scale_local * local_c + m.cov_scale_remote * (post_c - local_c)
+        weight = m.cov_scale_local * local + m.cov_scale_remote * (post - local)
         cee, cen, cnn = (weight * de * de).sum(1), (weight * de * dn).sum(1), (weight * dn * dn).sum(1)
         cell = m.cell_var_m2 * m.cov_scale_local
         cov = torch.stack([torch.stack([cee + cell, cen], -1), torch.stack([cen, cnn + cell], -1)], -2)

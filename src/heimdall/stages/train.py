@@ -38,6 +38,7 @@ TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 1e6)
 PRIOR_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 1000.0)  # 1000: effectively a flat prior
 COV_SCALES = tuple(float(x) for x in np.round(np.geomspace(0.05, 20.0, 27), 4))
 COVERAGE_1SIGMA, COVERAGE_2SIGMA = 1 - math.exp(-0.5), 1 - math.exp(-2.0)
+COVERAGE_2SIGMA_TOLERANCE = 0.01  # val 2σ coverage this close to the best reachable counts as met
 
 
 def model_config(params: Params, fs: FeatureSet) -> ModelConfig:
@@ -101,12 +102,26 @@ def predict(model: LocalizationNet, fs: FeatureSet, idx: np.ndarray, batch: int 
     return torch.cat(means).numpy(), torch.cat(covs).numpy()
 
 
+def choose_covariance_weights(mean, local_cov, remote_cov, target, scales=COV_SCALES) -> tuple[float, float]:
+    """(a, b) for covariance a·local + b·remote: val 2σ coverage closest to 86.5 % (within
+    COVERAGE_2SIGMA_TOLERANCE of the best reachable), then 1σ closest to 39.3 %."""
+    candidates = []  # (2σ miss, 1σ miss, a, b) in a fixed order: ties resolve deterministically
+    for a in scales:
+        for b in scales:
+            m2 = mahalanobis_sq(mean, a * local_cov + b * remote_cov, target)
+            candidates.append((abs((m2 <= 4).mean() - COVERAGE_2SIGMA), abs((m2 <= 1).mean() - COVERAGE_1SIGMA), a, b))
+    reachable = min(c[0] for c in candidates) + COVERAGE_2SIGMA_TOLERANCE
+    _, _, a, b = min((c for c in candidates if c[0] <= reachable), key=lambda c: c[1])
+    return float(a), float(b)
+
+
 @torch.no_grad()
 def calibrate_refinement(model: LocalizationNet, fs: FeatureSet) -> dict:
     """Calibrate the refinement's four constants on the validation split.
 
     Temperature and prior width minimise the geometric-mean position error; then the two
-    covariance weights bring the 1σ/2σ coverage as close as possible to the 2-D Gaussian's.
+    covariance weights bring the 2σ coverage as close as possible to the 2-D Gaussian's 86.5 %
+    and, among those, the 1σ coverage closest to 39.3 %.
 
     The radio map was fitted on the training sessions, so its residuals there are optimistic;
     validation sessions never touched the map or the network weights, so this is honest.
@@ -139,9 +154,12 @@ def calibrate_refinement(model: LocalizationNet, fs: FeatureSet) -> dict:
     model.likelihood_temperature.fill_(best[1])
     model.prior_scale.fill_(best[2])
 
-    # Then the weights of the covariance's two parts (mode neighbourhood / far-away alternatives)
-    # so that the val coverage of the 1σ and 2σ ellipses is as close as possible to the 2-D
-    # Gaussian's 39.3 % / 86.5 %. Neither moves the point estimate.
+    # Then the weights of the covariance's two parts (mode neighbourhood / far-away alternatives).
+    # Neither moves the point estimate. Errors are heavier-tailed than a Gaussian's (a confidently
+    # chosen wrong mode), so one Gaussian cannot match 39.3 % at 1σ and 86.5 % at 2σ together.
+    # The 2σ ellipse is the search area an operator acts on: it comes first (val coverage within
+    # COVERAGE_2SIGMA_TOLERANCE of the best reachable), then 1σ as close as it can get. (Minimising
+    # the summed 1σ + 2σ misses instead traded 2σ away: 0.77 on test on 5 POWDER splits, docs/results.md.)
     parts = []
     for local, remote in ((1.0, 0.0), (0.0, 1.0)):
         model.cov_scale_local.fill_(local)
@@ -150,22 +168,16 @@ def calibrate_refinement(model: LocalizationNet, fs: FeatureSet) -> dict:
         parts.append(torch.cat([c for _, c in out]).double().numpy())
         mean = torch.cat([m for m, _ in out]).double().numpy()
     local_cov, remote_cov = parts
-    best_cov = (math.inf, 1.0, 1.0)
-    for a in COV_SCALES:
-        for b in COV_SCALES:
-            m2 = mahalanobis_sq(mean, a * local_cov + b * remote_cov, target)
-            miss = abs((m2 <= 1).mean() - COVERAGE_1SIGMA) + abs((m2 <= 4).mean() - COVERAGE_2SIGMA)
-            if miss < best_cov[0] - 1e-12:
-                best_cov = (miss, a, b)
-    model.cov_scale_local.fill_(best_cov[1])
-    model.cov_scale_remote.fill_(best_cov[2])
+    best_cov = choose_covariance_weights(mean, local_cov, remote_cov, target)
+    model.cov_scale_local.fill_(best_cov[0])
+    model.cov_scale_remote.fill_(best_cov[1])
     out = [model.posterior(cost, pm[sl], pc[sl]) for cost, sl in zip(costs, chunks)]
     final = gaussian_metrics(torch.cat([m for m, _ in out]).double().numpy(),
                              torch.cat([c for _, c in out]).double().numpy(), target)
     return {"val_nll": final["nll"], "val_median_error_m": final["median_error_m"],
             "val_coverage_1sigma": final["coverage_1sigma"], "val_coverage_2sigma": final["coverage_2sigma"],
             "likelihood_temperature": best[1], "prior_scale": best[2],
-            "cov_scale_local": best_cov[1], "cov_scale_remote": best_cov[2], "grid": table}
+            "cov_scale_local": best_cov[0], "cov_scale_remote": best_cov[1], "grid": table}
 
 
 def save_checkpoint(model: LocalizationNet, fs: FeatureSet, params: Params, path: Path) -> None:
