@@ -35,18 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
 from heimdall.baselines import evaluate_baselines, load_rss_features  # noqa: E402
+from heimdall.contracts import SPLIT_CODES  # noqa: E402
 from heimdall.params import ScenarioParams  # noqa: E402
 from heimdall.radiomap import RadioMapGrid, bounds_around, fit_kriged_map, profile_tx_power, usable_mask  # noqa: E402
 from heimdall.simulator import Scenario, free_space_loss_1km_db  # noqa: E402
 from heimdall.stages import export_sessions, extract_features  # noqa: E402
 
 
-def map_error_db(features: Path, seed: int, min_snr_db: float, spacing_m: float, margin_m: float):
+def fit_and_score_kriged_map(features: Path, seed: int, min_snr_db: float, spacing_m: float, margin_m: float):
     """RMS of learned-minus-true map at the test transmitters (usable readings, common offset
     removed), and the kriged map on the baselines' grid (fitted once, reused by the baselines)."""
     d = load_rss_features(features)
     scenario = Scenario(ScenarioParams.model_validate_json(d["scenario_json"]))
-    tr, te = np.flatnonzero(d["split"] == 0), np.flatnonzero(d["split"] == 2)
+    tr, te = (np.flatnonzero(d["split"] == SPLIT_CODES[name]) for name in ("train", "test"))
     anchor = -free_space_loss_1km_db(float(np.median(d["frequency_hz"])) / 1e6)
     kriged = fit_kriged_map(d["rss"][tr], d["present"][tr], d["rx_enu"], d["pos"][tr], d["snr"][tr],
                             min_snr_db, anchor, seed=seed)
@@ -56,13 +57,16 @@ def map_error_db(features: Path, seed: int, min_snr_db: float, spacing_m: float,
     diff = kriged.mean_db(pos[:, 0], pos[:, 1]) - true
     diff -= np.sum(diff * use) / use.sum()
     _, fading = profile_tx_power(d["rss"][te], true, use)
-    rms = lambda x: float(np.sqrt(np.sum(x**2 * use) / use.sum()))  # noqa: E731
-    return {"map_rms_db": rms(diff), "reading_scatter_db": rms(fading),
-            "gp_length_km": float(np.median([gp.length_km for gp in kriged.gps])),
-            "gp_signal_db": float(np.median([gp.signal_std_db for gp in kriged.gps])),
-            "train_readings_per_receiver": int(np.median(
-                usable_mask(d["present"][tr], d["snr"][tr], min_snr_db).sum(0)))}, \
-        RadioMapGrid.from_kriged(kriged, bounds_around(d["pos"][tr], margin_m), spacing_m)
+
+    def rms(x):
+        return float(np.sqrt(np.sum(x**2 * use) / use.sum()))
+
+    score = {"map_rms_db": rms(diff), "reading_scatter_db": rms(fading),
+             "gp_length_km": float(np.median([gp.length_km for gp in kriged.gps])),
+             "gp_signal_db": float(np.median([gp.signal_std_db for gp in kriged.gps])),
+             "train_readings_per_receiver": int(np.median(
+                 usable_mask(d["present"][tr], d["snr"][tr], min_snr_db).sum(0)))}
+    return score, RadioMapGrid.from_kriged(kriged, bounds_around(d["pos"][tr], margin_m), spacing_m)
 
 
 def main() -> None:
@@ -84,7 +88,7 @@ def main() -> None:
                 extract_features.run(p, sessions, features, progress=False)
                 sessions.unlink()
             rm = p.train.radio_map
-            err, grid = map_error_db(features, p.train.seed, rm.min_snr_db, rm.spacing_km * 1e3, rm.margin_km * 1e3)
+            err, grid = fit_and_score_kriged_map(features, p.train.seed, rm.min_snr_db, rm.spacing_km * 1e3, rm.margin_km * 1e3)
             base = evaluate_baselines(features, spacing_m=rm.spacing_km * 1e3, margin_m=rm.margin_km * 1e3,
                                       fit_min_snr_db=rm.min_snr_db, seed=p.train.seed, kriged_grid=grid)
             row = {"sessions": n, "n_train": base["n_train"], "n_test": base["n_test"], **err}

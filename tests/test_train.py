@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_params_dict, write_params
 from heimdall.cli import main
 from heimdall.contracts import SPLIT_CODES
+from heimdall.evaluation import gaussian_metrics
 from heimdall.params import load_params
 from heimdall.stages import train
 
@@ -99,9 +100,8 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(trained):
 
 
 def _coverage(mean, cov, target):
-    from heimdall.evaluation import mahalanobis_sq
-    m2 = mahalanobis_sq(mean, cov, target)
-    return float((m2 <= 1).mean()), float((m2 <= 4).mean())
+    m = gaussian_metrics(mean, cov, target)
+    return m["coverage_1sigma"], m["coverage_2sigma"]
 
 
 def test_covariance_weights_calibrate_a_gaussian_at_both_levels():

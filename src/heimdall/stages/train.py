@@ -168,16 +168,15 @@ def calibrate_refinement(model: LocalizationNet, fs: FeatureSet) -> dict:
         parts.append(torch.cat([c for _, c in out]).double().numpy())
         mean = torch.cat([m for m, _ in out]).double().numpy()
     local_cov, remote_cov = parts
-    best_cov = choose_covariance_weights(mean, local_cov, remote_cov, target)
-    model.cov_scale_local.fill_(best_cov[0])
-    model.cov_scale_remote.fill_(best_cov[1])
-    out = [model.posterior(cost, pm[sl], pc[sl]) for cost, sl in zip(costs, chunks)]
-    final = gaussian_metrics(torch.cat([m for m, _ in out]).double().numpy(),
-                             torch.cat([c for _, c in out]).double().numpy(), target)
+    a, b = choose_covariance_weights(mean, local_cov, remote_cov, target)
+    model.cov_scale_local.fill_(a)
+    model.cov_scale_remote.fill_(b)
+    # the posterior's covariance is linear in the two weights: no third pass over validation
+    final = gaussian_metrics(mean, a * local_cov + b * remote_cov, target)
     return {"val_nll": final["nll"], "val_median_error_m": final["median_error_m"],
             "val_coverage_1sigma": final["coverage_1sigma"], "val_coverage_2sigma": final["coverage_2sigma"],
             "likelihood_temperature": best[1], "prior_scale": best[2],
-            "cov_scale_local": best_cov[0], "cov_scale_remote": best_cov[1], "grid": table}
+            "cov_scale_local": a, "cov_scale_remote": b, "grid": table}
 
 
 def save_checkpoint(model: LocalizationNet, fs: FeatureSet, params: Params, path: Path) -> None:
