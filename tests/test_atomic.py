@@ -70,6 +70,32 @@ def test_guardian_removes_a_killed_writers_temporary_without_another_writer(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+KILLED_BEFORE_LOCK = """
+import os, signal, sys
+import heimdall.atomic as atomic
+def die(fd):  # the temporary exists, its lock is not taken yet
+    print(os.fstat(fd).st_nlink, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+atomic._try_lock = die
+with atomic.atomic_path(sys.argv[1]):
+    pass
+"""
+
+
+def test_guardian_removes_a_temporary_whose_writer_died_before_locking_it(tmp_path):
+    # The CI failure this guards: a stage SIGKILLed right after creating its temporary, before the
+    # guardian knew the path; DVC restored the outputs from its run cache and the file stayed.
+    target = tmp_path / "out.h5"
+    writer = subprocess.run([sys.executable, "-c", KILLED_BEFORE_LOCK, str(target)], capture_output=True,
+                            text=True, timeout=60)
+    assert writer.returncode == -signal.SIGKILL
+    assert writer.stdout.strip() == "1"  # the temporary was on disk when the writer died
+    deadline = time.monotonic() + 10
+    while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_live_writer_is_respected_and_a_killed_one_is_swept(tmp_path):
     # The writer's guardian is killed too (as by `kill -9 -<pgid>` or a container stop): the next
     # writer of the same target sweeps.

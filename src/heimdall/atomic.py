@@ -50,10 +50,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # The guardian learns the path before the file exists: a writer killed between creating the
+    # temporary and locking it leaves an unlocked file, which the guardian then removes.
+    _guard(tmp)
     lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _try_lock(lock_fd)
-        _guard(tmp)
         yield tmp
         with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
             os.fsync(fh.fileno())
