@@ -36,7 +36,7 @@ def rules(cov_at, scales, c1, c2, shipped: tuple[float, float]) -> dict[str, tup
 
 def evaluate(repo: Path) -> dict:
     from heimdall.data import load_features
-    from heimdall.evaluation import mahalanobis_sq
+    from heimdall.evaluation import ellipse_coverage, mahalanobis_sq
     from heimdall.stages import train as T
 
     model, _ = T.load_checkpoint(repo / "models/model.ckpt")
@@ -56,7 +56,7 @@ def evaluate(repo: Path) -> dict:
     def cov_at(name, a, b):
         mean, lc, rc, t = parts[name]
         d2 = mahalanobis_sq(mean, a * lc + b * rc, t)
-        return float((d2 <= 1).mean()), float((d2 <= 4).mean())
+        return ellipse_coverage(d2, 1), ellipse_coverage(d2, 2)
 
     result = {}
     mean, lc, rc, t = parts["val"]

@@ -24,6 +24,11 @@ def mahalanobis_sq(mean: np.ndarray, cov: np.ndarray, target: np.ndarray) -> np.
     return np.einsum("ni,nij,nj->n", d, inv, d)
 
 
+def ellipse_coverage(m2: np.ndarray, k: float) -> float:
+    """Fraction of errors inside their k-sigma ellipse (squared Mahalanobis distance <= k²)."""
+    return float((m2 <= k * k).mean())
+
+
 def gaussian_metrics(mean: np.ndarray, cov: np.ndarray, target: np.ndarray) -> dict[str, float]:
     err = np.linalg.norm(mean - target, axis=1)
     m2 = mahalanobis_sq(mean, cov, target)
@@ -35,15 +40,15 @@ def gaussian_metrics(mean: np.ndarray, cov: np.ndarray, target: np.ndarray) -> d
         "p90_error_m": float(np.percentile(err, 90)),
         "rmse_m": float(np.sqrt((err**2).mean())),
         "nll": float(nll.mean()),
-        "coverage_1sigma": float((m2 <= 1.0).mean()),
-        "coverage_2sigma": float((m2 <= 4.0).mean()),
+        "coverage_1sigma": ellipse_coverage(m2, 1),
+        "coverage_2sigma": ellipse_coverage(m2, 2),
         "median_sigma_m": float(np.median(np.sqrt(np.trace(cov, axis1=1, axis2=2) / 2))),
     }
 
 
 def calibration_curve(mean, cov, target) -> list[dict]:
     m2 = mahalanobis_sq(mean, cov, target)
-    return [{"k_sigma": float(k), "observed": float((m2 <= k * k).mean()), "ideal": float(1 - math.exp(-k * k / 2))}
+    return [{"k_sigma": float(k), "observed": ellipse_coverage(m2, k), "ideal": float(1 - math.exp(-k * k / 2))}
             for k in CALIBRATION_K]
 
 

@@ -24,7 +24,7 @@ from heimdall import baselines, radiomap
 from heimdall.atomic import atomic_path
 from heimdall.data import FeatureSet, LocalizationDataModule, load_features
 from heimdall.errors import HeimdallError
-from heimdall.evaluation import gaussian_metrics, mahalanobis_sq, write_plots
+from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq, write_plots
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.params import Params
 from heimdall.tracking import mlflow_logger, run_tags
@@ -109,7 +109,8 @@ def choose_covariance_weights(mean, local_cov, remote_cov, target, scales=COV_SC
     for a in scales:
         for b in scales:
             m2 = mahalanobis_sq(mean, a * local_cov + b * remote_cov, target)
-            candidates.append((abs((m2 <= 4).mean() - COVERAGE_2SIGMA), abs((m2 <= 1).mean() - COVERAGE_1SIGMA), a, b))
+            candidates.append((abs(ellipse_coverage(m2, 2) - COVERAGE_2SIGMA),
+                               abs(ellipse_coverage(m2, 1) - COVERAGE_1SIGMA), a, b))
     reachable = min(c[0] for c in candidates) + COVERAGE_2SIGMA_TOLERANCE
     _, _, a, b = min((c for c in candidates if c[0] <= reachable), key=lambda c: c[1])
     return float(a), float(b)
