@@ -1,5 +1,6 @@
-"""Shared helpers of the performance benchmarks (docs/performance.md): params with overrides,
-medians of repeated runs, the machine's description, tables and JSON results.
+"""Shared helpers of the performance benchmarks (docs/performance.md): params with overrides (and
+written to a file for the CLI), the `heimdall <verb>` CLI in a child process, medians of repeated
+runs, the machine's description, tables and JSON results.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ def params(overrides: dict | None = None, base: Path = REPO / "params.yaml"):
             node = node[p]
         node[leaf] = value
     return Params.model_validate(raw)
+
+
+def write_params(params, path: Path) -> Path:
+    """Write validated params (from ``params()``) as a params.yaml the CLI reads with ``--params``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
+    return path
+
+
+def heimdall(verb: str, *args, env: dict | None = None, cwd: Path = REPO) -> dict:
+    """Run ``heimdall <verb> <args> --no-progress`` (this interpreter's CLI) -> the summary it prints
+    on its last stderr line (``heimdall <verb>: {...}``, including ``wall_time_s``)."""
+    cmd = [sys.executable, "-m", "heimdall", *verb.split(), *(str(a) for a in args), "--no-progress"]
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, text=True, capture_output=True)
+    if proc.returncode:
+        raise RuntimeError(f"heimdall {verb} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = proc.stderr.strip().splitlines()[-1]
+    return json.loads(line.split(": ", 1)[1])
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -105,7 +124,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def save(name: str, result: dict, out: Path | None = None) -> Path:
-    """Write the benchmark's JSON (default benchmarks/results/<name>.json, git-ignored)."""
+    """Write the benchmark's JSON (default benchmarks/results/<name>.json: the committed results that
+    docs/performance.md quotes; pass ``out`` for a trial run)."""
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=2) + "\n")

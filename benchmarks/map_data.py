@@ -7,8 +7,8 @@ law + a Gaussian-process residual map per receiver, docs/model.md); the oracle u
 true map with the same likelihood search. On the default campaign the two differ by ~5x in median
 error. This benchmark asks whether that gap is the estimator's or the data's: for each campaign size
 (params.yaml's scenario unchanged, `export_sessions.n_sessions` varied, same 70/15/15 random split)
-it runs export_sessions + extract_features, fits the kriged map on the train split and reports, on
-the test split:
+it runs `heimdall export-sessions` + `heimdall extract-features`, fits the kriged map on the train
+split (heimdall.kriging.fit_kriged_map) and reports, on the test split:
 
 * map error: RMS of (learned - true) mean RSS at the test transmitters, over the readings the
   likelihood uses (a common offset removed: TX power is profiled out), beside the readings' own
@@ -37,9 +37,9 @@ import _bench as B  # noqa: E402
 from heimdall.baselines import evaluate_baselines, load_rss_features  # noqa: E402
 from heimdall.contracts import SPLIT_CODES  # noqa: E402
 from heimdall.params import ScenarioParams  # noqa: E402
-from heimdall.radiomap import RadioMapGrid, bounds_around, fit_kriged_map, profile_tx_power, usable_mask  # noqa: E402
-from heimdall.simulator import Scenario, free_space_loss_1km_db  # noqa: E402
-from heimdall.stages import export_sessions, extract_features  # noqa: E402
+from heimdall.kriging import fit_kriged_map  # noqa: E402
+from heimdall.radiomap import RadioMapGrid, bounds_around, free_space_loss_1km_db, power_and_residual, usable_mask  # noqa: E402
+from heimdall.simulator import Scenario  # noqa: E402
 
 
 def fit_and_score_kriged_map(features: Path, seed: int, min_snr_db: float, spacing_m: float, margin_m: float):
@@ -56,7 +56,7 @@ def fit_and_score_kriged_map(features: Path, seed: int, min_snr_db: float, spaci
     true = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], np.zeros(len(pos)))
     diff = kriged.mean_db(pos[:, 0], pos[:, 1]) - true
     diff -= np.sum(diff * use) / use.sum()
-    _, fading = profile_tx_power(d["rss"][te], true, use)
+    _, fading = power_and_residual(d["rss"][te], true, use)
 
     def rms(x):
         return float(np.sqrt(np.sum(x**2 * use) / use.sum()))
@@ -66,7 +66,7 @@ def fit_and_score_kriged_map(features: Path, seed: int, min_snr_db: float, spaci
              "gp_signal_db": float(np.median([gp.signal_std_db for gp in kriged.gps])),
              "train_readings_per_receiver": int(np.median(
                  usable_mask(d["present"][tr], d["snr"][tr], min_snr_db).sum(0)))}
-    return score, RadioMapGrid.from_kriged(kriged, bounds_around(d["pos"][tr], margin_m), spacing_m)
+    return score, RadioMapGrid.from_fitted(kriged, bounds_around(d["pos"][tr], margin_m), spacing_m)
 
 
 def main() -> None:
@@ -74,6 +74,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--sessions", nargs="+", type=int, default=[6000, 12000, 24000])
     ap.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/map_data.json)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="heimdall-map-data-"))
@@ -84,8 +85,9 @@ def main() -> None:
             sessions, features = work / f"sessions-{n}.h5", work / f"features-{n}.h5"
             t = time.perf_counter()
             if not features.exists():
-                export_sessions.run(p, sessions, progress=False)
-                extract_features.run(p, sessions, features, progress=False)
+                pfile = B.write_params(p, work / f"params-{n}.yaml")
+                B.heimdall("export-sessions", "--params", pfile, "--out", sessions)
+                B.heimdall("extract-features", "--params", pfile, "--sessions", sessions, "--out", features)
                 sessions.unlink()
             rm = p.train.radio_map
             err, grid = fit_and_score_kriged_map(features, p.train.seed, rm.min_snr_db, rm.spacing_km * 1e3, rm.margin_km * 1e3)
@@ -109,7 +111,7 @@ def main() -> None:
                              f"{r['kriged_map']['frac_within_5km']:.1%}", f"{r['oracle']['frac_within_5km']:.1%}",
                              f"{r['kriged_map']['mean_error_m'] / 1e3:.1f}", f"{r['oracle']['mean_error_m'] / 1e3:.1f}"]
                             for r in rows]))
-    print(f"wrote {B.save('map_data', {'rows': rows}).relative_to(B.REPO)}")
+    print(f"wrote {B.save('map_data', {'rows': rows}, args.out)}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python benchmarks/onnx.py [--model models/model.onnx] [--checkpoint models/model.ckpt] [--repeats 3]
 
-Both runtimes in this one process on the same test sessions (heimdall.stages.export_onnx.benchmark,
-the code export_onnx uses for models/metrics/onnx.json), 1 and 2 intra-op threads each; repeated
+Both runtimes in this one process on the same test sessions (heimdall.export.latency.benchmark,
+the code export_onnx uses for models/metrics/onnx.timings.json), 1 and 2 intra-op threads each; repeated
 --repeats times and reported as medians. Writes benchmarks/results/onnx.json.
 """
 
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
+from heimdall.checkpoint import load_checkpoint  # noqa: E402
 from heimdall.data import load_features  # noqa: E402
-from heimdall.stages.export_onnx import benchmark  # noqa: E402
-from heimdall.stages.train import load_checkpoint  # noqa: E402
+from heimdall.export.latency import benchmark  # noqa: E402
 
 
 @torch.no_grad()

@@ -5,8 +5,10 @@
 Clones this repository's HEAD (committed files only) into a temp dir and runs the README's main
 job there. Setup is excluded and reported separately: by default the clone reuses this
 interpreter's environment (the clone's own src/ first on PYTHONPATH); with --setup the README's
-install step (`python3 -m venv .venv && pip install -e '.[dev]'`, from PyPI) is timed first in
-the clone. MLflow writes to the clone's own sqlite store. Writes benchmarks/results/pipeline.json.
+install step (`python3 -m venv .venv && pip install -r requirements.lock && pip install --no-deps -e .`,
+through this machine's pip configuration) is timed first in the clone. Per-stage times are the
+`wall_time_s` each `heimdall <verb>` prints on its last line. MLflow writes to the clone's own sqlite
+store. Writes benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
-STAGES = ("export_sessions", "extract_features", "train", "export_onnx", "register")
+STAGES = ("export_sessions", "extract_features", "train", "evaluate", "export_onnx", "register")
 SUMMARY = re.compile(r"^heimdall ([a-z-]+): (\{.*\})\s*$")
 
 
@@ -62,7 +64,8 @@ def main() -> None:
         res["clone_s"], _ = sh(f"git clone --quiet {B.REPO} {clone}", work, env)
         if args.setup:
             res["setup_s"], _ = sh("python3 -m venv .venv && . .venv/bin/activate && "
-                                   "pip install --quiet -e '.[dev]'", clone, env)
+                                   "pip install --quiet -r requirements.lock && pip install --quiet --no-deps -e .",
+                                   clone, env)
             env["PATH"] = f"{clone / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
         else:
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -7,8 +7,10 @@
 2. copies this checkout (git's tracked + untracked-not-ignored files) into a fresh temporary git repo
    and runs `dvc exp run -n powder -S ...` there with the preset benchmarks/powder.params.yaml
    (source: postgres, RSS-only model, spatially held-out split), so the whole unchanged pipeline runs;
-3. reads the experiment's metrics back from `dvc exp show --json`, checks they equal the stage's
-   models/metrics/test.json, and prints the table of docs/results.md.
+3. reads the evaluate stage's models/metrics/test.json (and train.json, and the git-ignored
+   *.timings.json beside them) from the workspace after each experiment, checks that the comparison
+   table `dvc exp show --json` reports (models/metrics/compare/*.json) is the one on disk and agrees
+   with test.json, and prints the table of docs/results.md.
 
 Nothing is written to this checkout; the product never reads ../shared (only this script does).
 `--print-exp-command` prints the `dvc exp run` line for an existing database instead.
@@ -103,14 +105,36 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def table(test: dict, train: dict) -> str:
-    fit = train["radio_map_fit_s"] + train["fit_s"]
+def read_outputs(repo: Path) -> dict:
+    """The workspace's metrics after a `dvc exp run`: test.json, train.json, the comparison table
+    (compare/*.json) and the wall-clock timings of train and evaluate (*.timings.json, not DVC outputs)."""
+    m = repo / "models" / "metrics"
+    return {"test": json.loads((m / "test.json").read_text()), "train": json.loads((m / "train.json").read_text()),
+            "compare": {p.stem: json.loads(p.read_text()) for p in sorted((m / "compare").glob("*.json"))},
+            "timings": {**json.loads((m / "train.timings.json").read_text()),
+                        **json.loads((m / "test.timings.json").read_text())}}
+
+
+def check_against_exp_show(exp: dict, out: dict, name: str) -> None:
+    """`dvc exp show` holds the comparison table of this experiment, equal to the files on disk, and its
+    model row agrees with test.json."""
+    shown = {Path(k).stem: v["data"] for k, v in (exp.get("metrics") or {}).items() if "compare" in Path(k).parts}
+    if shown != out["compare"]:
+        raise SystemExit(f"benchmarks/powder.py: dvc exp show's compare metrics of '{name}' differ from "
+                         "models/metrics/compare/*.json")
+    for k, v in out["compare"]["model"].items():
+        if abs(v - out["test"][k]) > 0.51 * 10 ** -(4 if k.startswith(("frac", "coverage")) else 1):
+            raise SystemExit(f"benchmarks/powder.py: compare/model.json {k} {v} is not test.json's {out['test'][k]}")
+
+
+def table(test: dict, timings: dict) -> str:
+    fit = timings["radio_map_fit_s"] + timings["fit_s"]
     rows = [("LocalizationNet (map x network)", test, fit, True),
-            ("  network alone", test["network_only"], train["fit_s"], True)]
+            ("  network alone", test["network_only"], timings["fit_s"], True)]
     names = {"knn": "kNN fingerprinting (k on val)", "kriged_map": "ML, kriged map",
              "ml_logdistance": "ML, log-distance map"}
     for key in ("knn", "kriged_map", "ml_logdistance"):
-        rows.append((names[key], test["baselines"][key], test["baselines"][key]["wall_s"], False))
+        rows.append((names[key], test["baselines"][key], timings[f"{key}_s"], False))
     out = [f"| estimator | mean m | median m | p90 m | 1σ cov. | 2σ cov. | train s |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for label, r, secs, cov in rows:
@@ -199,22 +223,23 @@ def main() -> None:
             t0 = time.perf_counter()
             _run(exp_command(extra=tuple(args.set)), repo, env, quiet=True)
             pipeline_s = time.perf_counter() - t0
-            on_disk = json.loads((repo / "models/metrics/test.json").read_text())
+            outputs = {EXP_NAME: read_outputs(repo)}  # `dvc exp run` leaves its results in the workspace
             for seed in args.split_seeds:  # the sessions are exported once; features onward rerun
-                _run(exp_command(f"{EXP_NAME}-split{seed}", seed, tuple(args.set)), repo, env, quiet=True)
+                name = f"{EXP_NAME}-split{seed}"
+                _run(exp_command(name, seed, tuple(args.set)), repo, env, quiet=True)
+                outputs[name] = read_outputs(repo)
             shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, quiet=True))
-        exp = _find_exp(shown, EXP_NAME)
-        if exp is None:
-            raise SystemExit("benchmarks/powder.py: experiment 'powder' not in `dvc exp show --json`")
-        test = exp["metrics"]["models/metrics/test.json"]["data"]
-        train = exp["metrics"]["models/metrics/train.json"]["data"]
-        if on_disk != test:
-            raise SystemExit("benchmarks/powder.py: dvc exp show differs from models/metrics/test.json")
+        for name, out in outputs.items():
+            exp = _find_exp(shown, name)
+            if exp is None:
+                raise SystemExit(f"benchmarks/powder.py: experiment '{name}' not in `dvc exp show --json`")
+            check_against_exp_show(exp, out, name)
+        test, train = outputs[EXP_NAME]["test"], outputs[EXP_NAME]["train"]
         n = {k: v for k, v in test["baselines"].items() if k.startswith("n_")}
         print(f"\nPOWDER 462.7 MHz, spatially held-out test split ({test['n_test']} sessions; "
-              f"block {preset()['extract_features.split.block_size_km']} km); from `dvc exp show` of "
+              f"block {preset()['extract_features.split.block_size_km']} km); models/metrics/test.json of "
               f"experiment '{EXP_NAME}'. kNN k = {test['baselines']['knn'].get('k')}. {n or ''}")
-        print(table(test, train))
+        print(table(test, outputs[EXP_NAME]["timings"]))
         knn = test["baselines"]["knn"]["mean_error_m"]
         print(f"model mean error vs kNN: {100 * (1 - test['mean_error_m'] / knn):+.1f} % below; "
               f"calibration {json.dumps({k: v for k, v in train['calibration'].items()})}")
@@ -222,10 +247,7 @@ def main() -> None:
             default_seed = preset().get("extract_features.split.seed", _params_split_seed())
             splits = {default_seed: test}
             for seed in args.split_seeds:
-                other = _find_exp(shown, f"{EXP_NAME}-split{seed}")
-                if other is None:
-                    raise SystemExit(f"benchmarks/powder.py: experiment '{EXP_NAME}-split{seed}' not in dvc exp show")
-                splits[seed] = other["metrics"]["models/metrics/test.json"]["data"]
+                splits[seed] = outputs[f"{EXP_NAME}-split{seed}"]["test"]
             print("\n" + split_table(splits))
             _save_splits(splits, args.set)
         print(f"pipeline (dvc exp run) {pipeline_s:.0f} s, total {time.perf_counter() - started:.0f} s")

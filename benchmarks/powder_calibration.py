@@ -4,7 +4,8 @@
     python benchmarks/powder_calibration.py --workdir /tmp/pw
 
 For every experiment in the kept repo (`dvc exp apply` + `dvc checkout`), the checkpoint's refinement
-(temperature, prior width) is kept and only the two covariance weights (a local, b remote; train.py)
+(temperature, prior width) is kept and only the two covariance weights (a local, b remote;
+heimdall/calibration.py)
 are re-chosen on the validation split by each rule, then scored on the test split. This isolates the
 rule: the point estimates, and so every error metric, are unchanged. Prints a table, writes
 benchmarks/results/powder_calibration.json.
@@ -35,11 +36,13 @@ def rules(cov_at, scales, c1, c2, shipped: tuple[float, float]) -> dict[str, tup
 
 
 def evaluate(repo: Path) -> dict:
+    from heimdall import calibration as C
+    from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
     from heimdall.evaluation import ellipse_coverage, mahalanobis_sq
-    from heimdall.stages import train as T
+    from heimdall.model import estimate
 
-    model, _ = T.load_checkpoint(repo / "models/model.ckpt")
+    model, _ = load_checkpoint(repo / "models/model.ckpt")
     fs = load_features(repo / "data/features.h5")
     parts = {}
     with torch.no_grad():
@@ -49,7 +52,7 @@ def evaluate(repo: Path) -> dict:
             for local, remote in ((1.0, 0.0), (0.0, 1.0)):
                 model.cov_scale_local.fill_(local)
                 model.cov_scale_remote.fill_(remote)
-                mean, cov = T.predict(model, fs, idx)
+                mean, cov = estimate(model, fs.input_batches(idx))
                 covs.append(cov)
             parts[name] = (mean, *covs, fs.target_enu_m[idx])
 
@@ -60,8 +63,8 @@ def evaluate(repo: Path) -> dict:
 
     result = {}
     mean, lc, rc, t = parts["val"]
-    shipped = T.choose_covariance_weights(mean, lc, rc, t)
-    for rule, (a, b) in rules(cov_at, T.COV_SCALES, T.COVERAGE_1SIGMA, T.COVERAGE_2SIGMA, shipped).items():
+    shipped = C.choose_covariance_weights(mean, lc, rc, t)
+    for rule, (a, b) in rules(cov_at, C.COV_SCALES, C.COVERAGE_1SIGMA, C.COVERAGE_2SIGMA, shipped).items():
         result[rule] = {"a": float(a), "b": float(b), "val": cov_at("val", a, b), "test": cov_at("test", a, b)}
     return result
 

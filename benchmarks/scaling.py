@@ -6,6 +6,8 @@ For each configuration (one axis varied at a time, the others at params.yaml's d
 * generate - the simulator's arrays for the campaign with no HDF5 writes (draw_campaign + iq_blocks);
 * export   - the export_sessions stage (same arrays, written to sessions.h5, renamed);
 * features - the extract_features stage on that file.
+Both stages run in this process (heimdall.stages.<stage>.run: the stage is what is measured, without
+interpreter start-up).
 Medians of --repeats runs. Receivers beyond the network's seven are made-up stations placed
 around the network (cost benchmark only). Prints the tables of docs/performance.md and writes
 benchmarks/results/scaling.json.
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
 from heimdall.simulator import Scenario  # noqa: E402
-from heimdall.stages import export_sessions, extract_features  # noqa: E402
+from heimdall.stages import export_sessions, extract_features  # noqa: E402  (the stages are what is measured)
 
 
 def receivers(n: int) -> list[dict]:

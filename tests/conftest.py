@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from heimdall.params import load_params
-from heimdall.stages import export_onnx, export_sessions, extract_features, train
+from heimdall.stages import evaluate, export_onnx, export_sessions, extract_features, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,15 @@ TINY_TRAIN = {
 }
 # the export stage's defaults benchmark for ~1 minute; tests check the plumbing, not the numbers
 FAST_EXPORT = {"latency_runs": 5, "warmup_runs": 1, "throughput_runs": 1, "throughput_batch": 8,
-               "commit": "0123456789abcdef0123456789abcdef01234567", "params_hash": "feedfacecafe"}
+               "params_hash": "feedfacecafe"}
+
+
+def train_and_evaluate(params, features, out, progress: bool = False) -> dict:
+    """The train and evaluate stages as `dvc repro` runs them, into ``out``: model.ckpt,
+    metrics/{train,test}.json, metrics/compare/, plots/{train,evaluate}/. Returns both summaries."""
+    summary = train.run(params, features, out / "model.ckpt", out / "metrics/train.json", out / "plots/train",
+                        progress=progress)
+    return {**summary, **evaluate.run(params, features, out / "model.ckpt", out / "metrics", out / "plots/evaluate")}
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +129,7 @@ def trained(tiny_campaign, tmp_path_factory):
     params = load_params(write_params(tmp / "params.yaml", tiny_params_dict(240, **TINY_TRAIN)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-        train.run(params, features, tmp / "model.ckpt", tmp / "metrics", tmp / "plots", progress=False)
+        train_and_evaluate(params, features, tmp)
     return tmp / "model.ckpt", features
 
 

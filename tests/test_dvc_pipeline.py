@@ -101,7 +101,7 @@ SENTINEL = "Sentinel-Pa55-7f3a9c"
 
 
 def test_whole_pipeline_reruns_exactly_what_a_change_affects(pipeline_repo, monkeypatch, tmp_path):
-    """All five stages; a no-op repro; a train param reruns exactly train, export_onnx, register.
+    """All six stages; a no-op repro; a train param reruns exactly train, evaluate, export_onnx, register.
 
     Credentials in the environment (database URL, S3 keys, MLflow password) never reach an output,
     dvc.lock, a log line or the MLflow store."""
@@ -117,18 +117,27 @@ def test_whole_pipeline_reruns_exactly_what_a_change_affects(pipeline_repo, monk
     repo = pipeline_repo
     d = tiny_params_dict(120, **{**TINY_TRAIN, "export_onnx.latency_runs": 10})
     (repo / "params.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
-    stages = {"export_sessions", "extract_features", "train", "export_onnx", "register"}
+    stages = {"export_sessions", "extract_features", "train", "evaluate", "export_onnx", "register"}
     logs.append(_run(["dvc", "repro"], repo))
     assert _ran(logs[-1]) == stages
     assert _ran(_run(["dvc", "repro"], repo)) == set()
-    registry = yaml.safe_load((repo / "models/registry.json").read_text())
+    registry = yaml.safe_load((repo / "models/registry.store.json").read_text())  # what the store decided
     assert registry["version"] == "1" and "champion" in registry["aliases"]
+    assert registry["registration_key"] == yaml.safe_load((repo / "models/registry.json").read_text())["registration_key"]
 
     _set_param(repo, "train.lr", 0.001)
     logs.append(_run(["dvc", "repro"], repo))
-    assert _ran(logs[-1]) == {"train", "export_onnx", "register"}
-    registry = yaml.safe_load((repo / "models/registry.json").read_text())
+    assert _ran(logs[-1]) == {"train", "evaluate", "export_onnx", "register"}
+    registry = yaml.safe_load((repo / "models/registry.store.json").read_text())
     assert registry["version"] == "2" and "candidate" in registry["aliases"]
+    assert registry["registration_key"] == yaml.safe_load((repo / "models/registry.json").read_text())["registration_key"]
+    assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+    # a source file of evaluate only: evaluate reruns (same test.json), nothing retrains or re-registers
+    with open(repo / "src/heimdall/baselines.py", "a") as fh:
+        fh.write("\n# touched\n")
+    logs.append(_run(["dvc", "repro"], repo))
+    assert _ran(logs[-1]) == {"evaluate"}
     assert _ran(_run(["dvc", "repro"], repo)) == set()
 
     secret = SENTINEL.encode()

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, tiny_params_dict, write_params
+from conftest import REPO_ROOT, tiny_params_dict, train_and_evaluate, write_params
 from heimdall.db.connect import Database
 from heimdall.db.powder import import_powder, read_receivers, read_samples
 from heimdall.errors import HeimdallError
 from heimdall.params import load_params
-from heimdall.stages import export_sessions, extract_features, train
+from heimdall.stages import export_sessions, extract_features
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_export_features_train_on_powder(powder_db, tmp_path, monkeypatch):
     feats = extract_features.run(params, sessions, features, progress=False)
     assert min(feats["split"].values()) > 0
 
-    train.run(params, features, tmp_path / "model.ckpt", tmp_path / "metrics", tmp_path / "plots", progress=False)
+    train_and_evaluate(params, features, tmp_path)
     test = json.loads((tmp_path / "metrics/test.json").read_text())
     assert set(test["baselines"]) == {"knn", "ml_logdistance", "kriged_map"}  # no oracle without a scenario
     assert "crlb_rmse_m" not in test

@@ -1,4 +1,5 @@
-"""Stage register (MLflow registry, aliases, lineage tags, registry.json) and `heimdall predict`."""
+"""Stage register (MLflow registry, aliases, lineage tags, registry.json + registry.store.json) and
+`heimdall predict`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import tiny_params_dict, write_params
 from heimdall.errors import HeimdallError
 from heimdall.params import load_params
-from heimdall.predict import ellipse, predict_sessions
+from heimdall.predict import ellipse_axes, predict_sessions
 from heimdall.stages import register
 from heimdall.tracking import redact_uri
 
@@ -39,7 +40,9 @@ def test_champion_moves_only_on_improvement(exported, store, tmp_path):
     for i, (median, promoted, champion) in enumerate(runs, start=1):
         # (n_test varies so that every call is a different registration, see the idempotency test)
         summary = register.run(params, onnx_path, _test_json(tmp_path / "test.json", median, n_test=i), out)
-        reg = json.loads(out.read_text())
+        record = json.loads(out.read_text())  # what the inputs determine
+        reg = json.loads(register.store_path(out).read_text())  # what the store decided
+        assert record["registration_key"] == reg["registration_key"] and record["onnx_md5"] == reg["tags"]["onnx_md5"]
         assert reg["version"] == str(i) and summary["version"] == str(i)
         assert reg["promoted_to_champion"] is promoted
         assert reg["champion_version"] == champion
@@ -111,6 +114,7 @@ def test_unreachable_mlflow_server_fails_clearly(exported, tmp_path, monkeypatch
     msg = str(err.value)
     assert f"127.0.0.1:{port}" in msg and "S3cret" not in msg and "\n" not in msg
     assert not (tmp_path / "registry.json").exists()
+    assert not register.store_path(tmp_path / "registry.json").exists()
 
 
 def test_registry_json_has_no_secrets(exported, tmp_path, monkeypatch):
@@ -122,6 +126,7 @@ def test_registry_json_has_no_secrets(exported, tmp_path, monkeypatch):
     params = load_params(write_params(tmp_path / "params.yaml", tiny_params_dict()))
     register.run(params, exported[0], _test_json(tmp_path / "test.json", 1.0), tmp_path / "registry.json")
     assert sentinel not in (tmp_path / "registry.json").read_text()
+    assert sentinel not in register.store_path(tmp_path / "registry.json").read_text()
     assert redact_uri(f"postgresql+psycopg2://heimdall:{sentinel}@db:5432/mlflow") == \
         "postgresql+psycopg2://db:5432/mlflow"
     assert sentinel not in redact_uri(f"http://h:5000/?token={sentinel}")
@@ -140,12 +145,12 @@ def test_register_errors_are_clear(tmp_path, store):
 
 def test_ellipse_geometry():
     # variance 9 km² east, 1 km² north -> major axis east (azimuth 90°), semi-axes 3 km / 1 km
-    e = ellipse(np.diag([9e6, 1e6]), 1.0)
+    e = ellipse_axes(np.diag([9e6, 1e6]), 1.0)
     assert e["semi_major_m"] == pytest.approx(3000) and e["semi_minor_m"] == pytest.approx(1000)
     assert e["orientation_deg"] == pytest.approx(90)
     c = np.array([[5e6, 4e6], [4e6, 5e6]])  # major axis along north-east
-    assert ellipse(c, 2.0)["orientation_deg"] == pytest.approx(45)
-    assert ellipse(c, 2.0)["semi_major_m"] == pytest.approx(2 * 3000)
+    assert ellipse_axes(c, 2.0)["orientation_deg"] == pytest.approx(45)
+    assert ellipse_axes(c, 2.0)["semi_major_m"] == pytest.approx(2 * 3000)
 
 
 def test_predict_positions_fall_inside_their_3sigma_ellipse(exported, tiny_campaign):

@@ -37,6 +37,12 @@ pytestmark = pytest.mark.slow
 REMOTE = "minio"          # the remote .dvc/config defines (the repository's own file is used)
 BUCKET = "heimdall-dvc"   # its bucket
 OUTS = ("data/sessions.h5", "data/features.h5", "models/model.ckpt", "models/model.onnx")
+# git-tracked (uncached) outputs, byte-identical on a forced rerun too (timings live in *.timings.json)
+METRICS = ("models/metrics/train.json", "models/metrics/test.json", "models/metrics/compare/model.json",
+           "models/registry.json")
+# the `dvc metrics show` table: one file per method (the evaluate stage's compare/ directory)
+COMPARE = {f"models/metrics/compare/{m}.json" for m in
+           ("model", "network_only", "knn", "ml_logdistance", "kriged_map", "oracle")}
 V2_LR = 0.0005            # train.lr of the v2 experiment (params.yaml has 0.002)
 
 
@@ -71,6 +77,20 @@ def _commit(repo: Path, message: str, tag: str) -> str:
     _run(["git", "commit", "-q", "-m", message], repo)
     _run(["git", "tag", tag], repo)
     return _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+def _registered(repo: Path) -> dict:
+    """The model version models/registry.json records, as <repo>/mlflow.db has it: {version, tags}.
+
+    registry.json holds what the inputs determine (a rerun writes the same bytes); the version the
+    store gave is found again by its registration key (registry.store.json beside it is git-ignored,
+    so `dvc exp apply` does not bring an experiment's back)."""
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((repo / "models/registry.json").read_text())
+    found = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_model_versions(record["find_version"])
+    assert len(found) == 1, [v.version for v in found]
+    return {"version": str(found[0].version), "tags": dict(found[0].tags), "record": record}
 
 
 def _assert_clean(repo: Path, env=None) -> None:
@@ -115,20 +135,21 @@ def v1(weed, tmp_path_factory):
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-q", "-m", "pipeline"], repo)
 
-    # Both runs before the v1 commit: model.onnx records the commit that was HEAD when it was built.
+    # Both runs before the v1 commit, so that it records their outputs.
     first = _run(["dvc", "repro"], repo)
-    first_md5 = {p: _md5(repo / p) for p in OUTS}
-    first_registry = json.loads((repo / "models/registry.json").read_text())
+    first_md5 = {p: _md5(repo / p) for p in (*OUTS, *METRICS)}
+    first_registry = json.loads((repo / "models/registry.store.json").read_text())
     # Same commit, everything forced: every stage really runs again (no run-cache restore).
     second = _run(["dvc", "repro", "-f"], repo)
-    second_md5 = {p: _md5(repo / p) for p in OUTS}
-    second_registry = json.loads((repo / "models/registry.json").read_text())
+    second_md5 = {p: _md5(repo / p) for p in (*OUTS, *METRICS)}
+    second_registry = json.loads((repo / "models/registry.store.json").read_text())
 
     rev = _commit(repo, "v1", "v1")
     push = _run(["dvc", "push"], repo)
     return {"repo": repo, "s3": s3, "rev": rev, "md5": second_md5, "first_md5": first_md5,
             "ran": (_ran(first), _ran(second)), "registry": (first_registry, second_registry),
-            "test": json.loads((repo / "models/metrics/test.json").read_text()), "push": push}
+            "test": json.loads((repo / "models/metrics/test.json").read_text()), "push": push,
+            "registered": _registered(repo)}
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +173,21 @@ def v2(v1):
     _run(["dvc", "exp", "apply", "lr-low"], repo)
     rev = _commit(repo, "v2: train.lr lower", "v2")
     _run(["dvc", "push"], repo)
-    return {"rev": rev, "md5": {p: _md5(repo / p) for p in OUTS}, "show": show, "logs": logs.stdout + logs.stderr,
+    return {"rev": rev, "md5": {p: _md5(repo / p) for p in (*OUTS, *METRICS)}, "show": show, "logs": logs.stdout + logs.stderr,
             "test": json.loads((repo / "models/metrics/test.json").read_text()),
-            "registry": json.loads((repo / "models/registry.json").read_text())}
+            "registry": _registered(repo)}
 
 
 def test_forced_rerun_from_one_commit_gives_the_same_bytes(v1):
     first_ran, second_ran = v1["ran"]
-    stages = {"export_sessions", "extract_features", "train", "export_onnx", "register"}
+    stages = {"export_sessions", "extract_features", "train", "evaluate", "export_onnx", "register"}
     assert first_ran == second_ran == stages
     assert v1["md5"] == v1["first_md5"], "a forced rerun changed an output"
     # Same model file and same test metrics -> the register stage recognises the registration.
     first, second = v1["registry"]
     assert first["version"] == second["version"] == "1"
     assert second["tags"]["onnx_md5"] == v1["md5"]["models/model.onnx"]
+    assert v1["registered"]["version"] == "1"  # registry.json finds it again in the store
 
 
 def test_v1_is_committed_clean_and_pushed(v1):
@@ -197,11 +219,14 @@ def test_queued_experiment_is_listed_and_logs_to_the_repository_store(v1, v2):
     assert "lr-low" in exps, list(exps)
     data = exps["lr-low"]
     assert data["params"]["params.yaml"]["data"]["train"]["lr"] == V2_LR
-    shown = data["metrics"]["models/metrics/test.json"]["data"]
-    assert {"median_error_m", "p90_error_m", "nll", "coverage_1sigma", "coverage_2sigma"} <= set(shown)
-    assert shown["median_error_m"] == v2["test"]["median_error_m"]  # what `exp apply` brought back
-    assert baseline["data"]["metrics"]["models/metrics/test.json"]["data"]["median_error_m"] == \
-        v1["test"]["median_error_m"]
+    assert COMPARE <= set(data["metrics"]), list(data["metrics"])
+    shown = data["metrics"]["models/metrics/compare/model.json"]["data"]
+    assert {"median_error_m", "p90_error_m", "coverage_2sigma"} <= set(shown)
+    # nll and 1σ coverage are not in the table; the experiment's test.json (brought back by `exp apply`) has them
+    assert {"median_error_m", "p90_error_m", "nll", "coverage_1sigma", "coverage_2sigma"} <= set(v2["test"])
+    assert shown["median_error_m"] == round(v2["test"]["median_error_m"], 1)  # what `exp apply` brought back
+    assert baseline["data"]["metrics"]["models/metrics/compare/model.json"]["data"]["median_error_m"] == \
+        round(v1["test"]["median_error_m"], 1)
 
     # The queue ran in a temporary clone, yet its train and register runs are in <repo>/mlflow.db:
     # the registry there now has version 2, and the runs carry the experiment's name.
@@ -216,7 +241,7 @@ def test_queued_experiment_is_listed_and_logs_to_the_repository_store(v1, v2):
         versions = db.execute("SELECT version FROM model_versions ORDER BY version").fetchall()
     finally:
         db.close()
-    assert len(exp_runs) == 2, exp_runs  # the train run and the register run
+    assert len(exp_runs) == 2, exp_runs  # the train run (evaluate logs into it too) and the register run
     assert lr == [(str(V2_LR),)]
     assert versions == [(1,), (2,)]
     assert not list((repo / ".dvc/tmp/exps").rglob("mlflow.db")), "an experiment logged to a temporary store"
@@ -240,20 +265,21 @@ def test_v2_differs_where_it_should(v1, v2):
 def test_metrics_and_plots_diff_between_tags(v1, v2, tmp_path):
     repo = v1["repo"]
     diff = json.loads(_run(["dvc", "metrics", "diff", "v1", "v2", "--json"], repo).stdout)
-    median = diff["models/metrics/test.json"]["median_error_m"]
-    assert median["old"] == v1["test"]["median_error_m"] and median["new"] == v2["test"]["median_error_m"]
+    median = diff["models/metrics/compare/model.json"]["median_error_m"]
+    assert median["old"] == round(v1["test"]["median_error_m"], 1)
+    assert median["new"] == round(v2["test"]["median_error_m"], 1)
     assert median["diff"] == pytest.approx(median["new"] - median["old"])
 
     plots = json.loads(_run(["dvc", "plots", "diff", "v1", "v2", "--json", "-o", str(tmp_path / "plots")],
                             repo).stdout)["data"]
-    assert {"learning_curve", "error_quantiles_km", "calibration", "models/plots/map.png"} <= set(plots)
+    assert {"learning_curve", "error_quantiles_km", "calibration", "models/plots/evaluate/map.png"} <= set(plots)
     curve = plots["learning_curve"][0]
     assert curve["revisions"] == ["v1", "v2"]
     rows = curve["content"]["data"]["values"]
     assert {r["rev"] for r in rows} == {"v1", "v2"}
     val = {rev: [float(r["val_loss"]) for r in rows if r["rev"] == rev and r["field"] == "val_loss"]
            for rev in ("v1", "v2")}
-    with open(repo / "models/plots/learning_curve.csv") as fh:  # the workspace is at v2
+    with open(repo / "models/plots/train/learning_curve.csv") as fh:  # the workspace is at v2
         assert val["v2"] == [float(r["val_loss"]) for r in csv.DictReader(fh)]
     assert len(val["v1"]) == len(val["v2"]) == 1 and val["v1"] != val["v2"]  # one epoch each, another lr
     assert _run(["git", "status", "--porcelain"], repo).stdout == ""  # rendered outside the repo
@@ -278,14 +304,14 @@ def test_fresh_clone_pulls_v1_byte_for_byte(v1, v2, tmp_path):
     # With credentials from the standard AWS variables: v1's outputs, byte for byte.
     creds = _env(AWS_ACCESS_KEY_ID=s3.access_key, AWS_SECRET_ACCESS_KEY=s3.secret_key)
     _run(["dvc", "pull"], clone, creds)
-    assert {p: _md5(clone / p) for p in OUTS} == v1["md5"]
+    assert {p: _md5(clone / p) for p in (*OUTS, *METRICS)} == v1["md5"]
     _assert_clean(clone, creds)
     _assert_in_sync_with_remote(clone, creds)
 
     # and v2 the same way
     _run(["git", "checkout", "-q", "v2"], clone)
     _run(["dvc", "pull"], clone, creds)
-    assert {p: _md5(clone / p) for p in OUTS} == v2["md5"]
+    assert {p: _md5(clone / p) for p in (*OUTS, *METRICS)} == v2["md5"]
     _assert_clean(clone, creds)
 
 

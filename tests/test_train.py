@@ -1,4 +1,5 @@
-"""Stage train end to end on a tiny campaign: outputs, metrics contract, MLflow, determinism, bad input."""
+"""Stages train + evaluate end to end on a tiny campaign: outputs, metrics contract, MLflow, determinism,
+bad input."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params_dict, write_params
+from conftest import tiny_params_dict, train_and_evaluate, write_params
+from heimdall import calibration, checkpoint
 from heimdall.cli import main
 from heimdall.contracts import SPLIT_CODES
+from heimdall.data import load_features
 from heimdall.evaluation import gaussian_metrics
+from heimdall.model import estimate
 from heimdall.params import load_params
-from heimdall.stages import train
+from heimdall.stages import evaluate, train
 
 TINY_TRAIN = {
     "train.max_epochs": 2, "train.batch_size": 32, "train.radio_map.spacing_km": 4.0,
@@ -30,8 +34,7 @@ def _params(tmp_path, **extra):
 def _run(tmp_path, features, **extra):
     params = _params(tmp_path, **extra)
     out = tmp_path / "models"
-    summary = train.run(params, features, out / "model.ckpt", out / "metrics", out / "plots", progress=False)
-    return summary, out
+    return train_and_evaluate(params, features, out), out
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +48,48 @@ def trained(tiny_campaign, tmp_path_factory):
 
 
 def test_outputs_and_metrics_contract(trained):
-    summary, out, _, _ = trained
+    summary, out, _, features = trained
     assert (out / "model.ckpt").exists()
     test = json.loads((out / "metrics/test.json").read_text())
-    for key in ("n_test", "mean_error_m", "median_error_m", "p90_error_m", "nll", "coverage_1sigma",
-                "coverage_2sigma", "crlb_rmse_m"):
-        assert np.isfinite(test[key]), key
     assert test["n_test"] == 36
+    # the metrics are what their definitions say, recomputed here from the per-session estimates
+    model, _ = checkpoint.load_checkpoint(out / "model.ckpt")
+    fs = load_features(features)
+    te = fs.indices("test")
+    err = np.linalg.norm(estimate(model, fs.input_batches(te))[0] - fs.target_enu_m[te], axis=1)
+    assert test["median_error_m"] == pytest.approx(np.median(err), rel=1e-9)
+    assert test["mean_error_m"] == pytest.approx(err.mean(), rel=1e-9)
+    assert test["p90_error_m"] == pytest.approx(np.percentile(err, 90), rel=1e-9)
+    assert test["frac_within_5km"] == pytest.approx(np.mean(err < 5e3))
+    assert 0 < test["crlb_rmse_m"] < test["baselines"]["oracle"]["median_error_m"] * 10
     for name in ("knn", "ml_logdistance", "kriged_map", "oracle"):
-        assert test["baselines"][name]["mean_error_m"] > 0 and np.isfinite(test["baselines"][name]["median_error_m"])
+        b = test["baselines"][name]
+        assert 0 < b["median_error_m"] <= b["p90_error_m"] and "wall_s" not in b, name
     assert 0 <= test["coverage_1sigma"] <= test["coverage_2sigma"] <= 1
+    # the comparison table `dvc metrics show` prints: one file per method, same numbers as test.json
+    compare = {p.stem: json.loads(p.read_text()) for p in (out / "metrics/compare").glob("*.json")}
+    assert set(compare) == {"model", "network_only", "knn", "ml_logdistance", "kriged_map", "oracle"}
+    assert compare["model"]["median_error_m"] == round(test["median_error_m"], 1)
+    assert compare["knn"]["mean_error_m"] == round(test["baselines"]["knn"]["mean_error_m"], 1)
+    assert compare["model"]["coverage_2sigma"] == round(test["coverage_2sigma"], 4)
+    assert "coverage_2sigma" not in compare["knn"]
     tr = json.loads((out / "metrics/train.json").read_text())
-    assert tr["epochs"] == 2 and tr["wall_time_s"] > 0 and np.isfinite(tr["final_val_loss"])
-    for name in ("learning_curve.csv", "error_cdf.csv", "calibration.csv", "map.png", "error_cdf.png",
-                 "calibration.png", "learning_curves.png"):
-        assert (out / "plots" / name).stat().st_size > 0, name
+    assert tr["epochs"] == 2 and np.isfinite(tr["final_val_loss"])
+    # wall-clock timings are never in DVC-tracked outputs (identical md5s on a rerun), but beside them
+    assert not any("wall" in k or k.endswith("_s") for k in _keys(tr) | _keys(test))
+    assert json.loads((out / "metrics/train.timings.json").read_text())["wall_time_s"] > 0
+    assert json.loads((out / "metrics/test.timings.json").read_text())["baselines_s"] > 0
+    for name in ("learning_curve.csv", "learning_curves.png"):
+        assert (out / "plots/train" / name).stat().st_size > 0, name
+    for name in ("error_cdf.csv", "calibration.csv", "map.png", "error_cdf.png", "calibration.png"):
+        assert (out / "plots/evaluate" / name).stat().st_size > 0, name
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
 
 
 def test_model_beats_centroid_guess(trained, tiny_campaign):
@@ -73,17 +103,31 @@ def test_model_beats_centroid_guess(trained, tiny_campaign):
     assert test["median_error_m"] < centroid_median
 
 
-def test_checkpoint_loads_without_pickle_and_predicts_same(trained):
-    _, out, _, features = trained
+def test_reloaded_checkpoint_reproduces_the_test_metrics(trained, tmp_path):
+    """The checkpoint alone (no pickled code) carries everything the estimates depend on: evaluating it
+    again, in a fresh output directory, reproduces test.json byte for byte. Fails if a calibration
+    constant, the map or a normalisation statistic were not saved, or if evaluation were not deterministic."""
+    _, out, tmp, features = trained
     payload = torch.load(out / "model.ckpt", weights_only=True)  # no arbitrary code
-    assert payload["format"] == train.CKPT_FORMAT
-    model, _ = train.load_checkpoint(out / "model.ckpt")
-    from heimdall.data import load_features
-    fs = load_features(features)
-    idx = fs.indices("test")[:8]
-    a = train.predict(model, fs, idx)
-    b = train.predict(model, fs, idx)
-    assert np.allclose(a[0], b[0]) and np.isfinite(a[1]).all()
+    assert payload["format"] == checkpoint.CKPT_FORMAT
+    params = _params(tmp)
+    again = tmp_path / "again"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        evaluate.run(params, features, out / "model.ckpt", again / "metrics", again / "plots")
+    assert (again / "metrics/test.json").read_bytes() == (out / "metrics/test.json").read_bytes()
+    for name in ("error_cdf.csv", "calibration.csv", "map.png"):
+        assert (again / "plots" / name).read_bytes() == (out / "plots/evaluate" / name).read_bytes(), name
+
+
+def test_calibration_constants_survive_the_checkpoint(trained):
+    _, out, _, _ = trained
+    model, _ = checkpoint.load_checkpoint(out / "model.ckpt")
+    cal = json.loads((out / "metrics/train.json").read_text())["calibration"]
+    assert float(model.likelihood_temperature) == pytest.approx(cal["likelihood_temperature"])
+    assert float(model.prior_scale) == pytest.approx(cal["prior_scale"])
+    assert float(model.cov_scale_local) == pytest.approx(cal["cov_scale_local"])
+    assert float(model.cov_scale_remote) == pytest.approx(cal["cov_scale_remote"])
 
 
 def test_mlflow_run_has_params_metrics_tags_and_artifacts(trained):
@@ -93,10 +137,13 @@ def test_mlflow_run_has_params_metrics_tags_and_artifacts(trained):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["train.lr"] == "0.002"
+    # train and evaluate log to one run: the evaluate stage finds it by the checkpoint's md5
+    assert summary["mlflow_run_id"] == run.info.run_id
     assert "test.median_error_m" in run.data.metrics and "val_loss" in run.data.metrics
-    assert "git_commit" in run.data.tags and "features_md5" in run.data.tags
+    assert "fit_s" in run.data.metrics and "baselines_s" in run.data.metrics  # timings live here
+    assert "git_commit" in run.data.tags and "features_md5" in run.data.tags and "checkpoint_md5" in run.data.tags
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"test.json", "train.json", "map.png"} <= names
+    assert {"test.json", "train.json", "map.png", "learning_curves.png"} <= names
 
 
 def _coverage(mean, cov, target):
@@ -110,9 +157,9 @@ def test_covariance_weights_calibrate_a_gaussian_at_both_levels():
     local = np.broadcast_to(np.diag([4.0, 1.0]), (n, 2, 2)).copy()
     remote = np.broadcast_to(np.eye(2) * 1e-4, (n, 2, 2)).copy()  # no far-away alternatives
     target = rng.multivariate_normal([0, 0], np.diag([4.0, 1.0]), size=n)  # errors really are N(0, local)
-    a, b = train.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
+    a, b = calibration.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
     c1, c2 = _coverage(np.zeros((n, 2)), a * local + b * remote, target)
-    assert abs(c1 - train.COVERAGE_1SIGMA) < 0.03 and abs(c2 - train.COVERAGE_2SIGMA) < 0.02
+    assert abs(c1 - calibration.COVERAGE_1SIGMA) < 0.03 and abs(c2 - calibration.COVERAGE_2SIGMA) < 0.02
     assert 0.75 < a < 1.35  # the posterior spread itself, unscaled
 
 
@@ -125,10 +172,10 @@ def test_covariance_weights_put_2sigma_first_on_heavy_tailed_errors():
     local = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
     remote = np.eye(2) * rng.uniform(0.5, 20.0, size=n)[:, None, None]
     target = rng.normal(size=(n, 2)) * np.where(wrong, 8.0, 1.0)[:, None]
-    a, b = train.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
+    a, b = calibration.choose_covariance_weights(np.zeros((n, 2)), local, remote, target)
     c1, c2 = _coverage(np.zeros((n, 2)), a * local + b * remote, target)
-    assert abs(c2 - train.COVERAGE_2SIGMA) <= 0.015
-    assert c1 > train.COVERAGE_1SIGMA  # the price, in 1σ, of heavy tails
+    assert abs(c2 - calibration.COVERAGE_2SIGMA) <= 0.015
+    assert c1 > calibration.COVERAGE_1SIGMA  # the price, in 1σ, of heavy tails
 
 
 def test_two_trainings_give_identical_weights(tiny_campaign, tmp_path, monkeypatch):
@@ -141,13 +188,17 @@ def test_two_trainings_give_identical_weights(tiny_campaign, tmp_path, monkeypat
     a = torch.load(tmp_path / "a/models/model.ckpt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b/models/model.ckpt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # byte-identical outputs: what DVC records in dvc.lock
+    for name in ("model.ckpt", "metrics/train.json", "metrics/test.json", "plots/evaluate/map.png",
+                 "plots/train/learning_curve.csv"):
+        assert (tmp_path / "a/models" / name).read_bytes() == (tmp_path / "b/models" / name).read_bytes(), name
 
 
 def _cli_train(tmp_path, features, capsys, **extra):
     params = write_params(tmp_path / "p.yaml", tiny_params_dict(240, **{**TINY_TRAIN, **extra}))
     ckpt = tmp_path / "out/model.ckpt"
     code = main(["train", "--params", str(params), "--features", str(features), "--out", str(ckpt),
-                 "--metrics-dir", str(tmp_path / "out/metrics"), "--plots-dir", str(tmp_path / "out/plots"),
+                 "--metrics", str(tmp_path / "out/metrics/train.json"), "--plots-dir", str(tmp_path / "out/plots"),
                  "--no-progress"])
     return code, capsys.readouterr().err, ckpt
 
@@ -218,15 +269,14 @@ def test_ddp_strategy_trains_on_two_processes_and_writes_once(tiny_campaign, tmp
     exe = Path(sys.executable).parent / "heimdall"
     proc = subprocess.run(
         [str(exe), "train", "--params", str(params), "--features", str(features), "--out", str(out / "model.ckpt"),
-         "--metrics-dir", str(out / "metrics"), "--plots-dir", str(out / "plots"), "--no-progress"],
+         "--metrics", str(out / "metrics/train.json"), "--plots-dir", str(out / "plots"), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(line.split(": ", 1)[1]) for line in proc.stderr.splitlines()
                  if line.startswith("heimdall train: ")]
     assert sorted(s.get("global_rank", 0) for s in summaries) == [0, 1]
-    test = json.loads((out / "metrics/test.json").read_text())
-    assert np.isfinite(test["median_error_m"])
+    assert np.isfinite(json.loads((out / "metrics/train.json").read_text())["best_val_loss"])
     assert (out / "model.ckpt").stat().st_size > 0
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True)

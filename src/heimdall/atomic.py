@@ -132,3 +132,44 @@ def _guardian_main() -> None:
 
 if __name__ == "__main__":
     _guardian_main()
+
+
+def write_json(path: str | Path, obj) -> None:
+    """``obj`` as sorted, indented JSON at ``path``, atomically (non-finite numbers are refused:
+    they are not JSON, and no stage may report them)."""
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def md5_file(path: str | Path) -> str:
+    """md5 of a file's bytes (the digest DVC records), read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as CSV with a header, atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure as PNG, atomically, then closed. No Software/date metadata: identical
+    figures give byte-identical files (DVC records their md5)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return Path(path)

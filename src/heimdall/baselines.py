@@ -15,16 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from heimdall.kriging import fit_kriged_map
 from heimdall.radiomap import (
+    free_space_loss_1km_db,
     DEFAULT_FIT_MIN_SNR_DB,
     DEFAULT_GRID_MARGIN_M,
     DEFAULT_GRID_SPACING_M,
     RadioMapGrid,
     bounds_around,
-    fit_kriged_map,
     fit_log_distance,
     usable_mask,
 )
+from heimdall.txpower import profile_tx_power
 
 # SNR threshold of the likelihood: None keeps every present reading. Weak readings carry the
 # useful fact "this receiver barely hears it" and scatter only a little more than strong ones (the
@@ -48,7 +50,7 @@ def grid_mle(
     refine_half_width_cells: float = 1.5,
     tx_power_range_dbm: tuple[float, float] | None = None,
     fallback_pos: np.ndarray | None = None,
-    chunk_sessions: int = 128,
+    chunk_sessions: int = 32,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Maximum-likelihood transmitter position of every session on a radio map.
 
@@ -88,7 +90,6 @@ def grid_mle(
     east, north = grid.cell_centres()
     cell_east, cell_north = east.ravel(), north.ravel()
     maps = grid.mean_db.reshape(n_rx, -1).astype(np.float64)  # (R, G)
-    maps_sq = maps**2
 
     pos = np.empty((n_sessions, 2))
     power = np.zeros(n_sessions)
@@ -96,18 +97,8 @@ def grid_mle(
     todo = np.flatnonzero(~fallback)
     for start in range(0, len(todo), chunk_sessions):
         rows = todo[start : start + chunk_sessions]
-        w, wy = weights[rows], weights[rows] * y[rows]
-        w_sum = w.sum(axis=1, keepdims=True)
-        # sum_i w_i (y_i - m_i - P)^2 minimised over P, expanded so every term is a matrix product
-        # over all cells at once: sum w y^2 - 2 sum w y m + sum w m^2 - (sum w (y - m))^2 / sum w.
-        resid_sum = wy.sum(axis=1, keepdims=True) - w @ maps  # (B, G)
-        grid_cost = (wy * y[rows]).sum(axis=1, keepdims=True) - 2.0 * (wy @ maps) + w @ maps_sq
-        grid_cost -= resid_sum**2 / w_sum
-        grid_power = resid_sum / w_sum
-        if tx_power_range_dbm is not None:  # the cost is quadratic in P around its free optimum
-            clipped = np.clip(grid_power, *tx_power_range_dbm)
-            grid_cost += w_sum * (clipped - grid_power) ** 2
-            grid_power = clipped
+        w = weights[rows]
+        grid_power, grid_cost = _profiled(y[rows][:, :, None] - maps, w, tx_power_range_dbm)  # (B, G)
         best = np.argmin(grid_cost, axis=1)
         pos[rows, 0], pos[rows, 1] = cell_east[best], cell_north[best]
         power[rows] = grid_power[np.arange(len(rows)), best]
@@ -125,6 +116,17 @@ def grid_mle(
     return pos, extras
 
 
+def _profiled(resid: np.ndarray, weight: np.ndarray, power_range) -> tuple[np.ndarray, np.ndarray]:
+    """TX power and cost (B, K) at every candidate, the power optionally confined to ``power_range``
+    (the cost is quadratic in the power around its free optimum: clipping adds Σw·(clipped − free)²)."""
+    power, cost = profile_tx_power(resid, weight)
+    if power_range is not None:
+        clipped = np.clip(power, *power_range)
+        cost = cost + weight.sum(-1)[:, None] * (clipped - power) ** 2
+        power = clipped
+    return power, cost
+
+
 def _refine(grid: RadioMapGrid, start_pos, y, w, spacing_m: float, half_width_cells: float, power_range):
     """Minimise the profiled cost on a fine local grid around each session's best cell."""
     half = half_width_cells * grid.spacing_m
@@ -133,12 +135,8 @@ def _refine(grid: RadioMapGrid, start_pos, y, w, spacing_m: float, half_width_ce
     e0, e1, n0, n1 = grid.bounds
     east = np.clip(start_pos[:, 0:1] + de, e0, e1)  # (B, K)
     north = np.clip(start_pos[:, 1:2] + dn, n0, n1)
-    diff = y[:, None, :] - grid.sample(east, north)  # (B, K, R)
-    w = w[:, None, :]
-    power = (w * diff).sum(axis=2) / w.sum(axis=2)  # (B, K)
-    if power_range is not None:
-        power = np.clip(power, *power_range)
-    cost = (w * (diff - power[..., None]) ** 2).sum(axis=2)
+    resid = y[:, :, None] - np.moveaxis(grid.sample(east, north), 1, 2)  # (B, R, K)
+    power, cost = _profiled(resid, w, power_range)
     best = np.argmin(cost, axis=1)
     rows = np.arange(len(best))
     return np.stack([east[rows, best], north[rows, best]], axis=1), power[rows, best], cost[rows, best]
@@ -307,8 +305,6 @@ def baseline_suite(
     roughly in dBm).
     """
     from heimdall import contracts as c
-    from heimdall.simulator import free_space_loss_1km_db
-
     split = d["split"]
     tr, va, te = (split == c.SPLIT_CODES[s] for s in ("train", "val", "test"))
     if not (tr.any() and te.any()):
@@ -340,14 +336,14 @@ def baseline_suite(
 
     started = time.perf_counter()
     law = fit_log_distance(rss[tr], present[tr], rx_enu, pos[tr], snr[tr], fit_min_snr_db, anchor)
-    score_map("ml_logdistance", RadioMapGrid.from_log_distance(law, bounds, spacing_m), started,
+    score_map("ml_logdistance", RadioMapGrid.from_fitted(law, bounds, spacing_m), started,
               exponent=law.exponent)
 
     started = time.perf_counter()
     if kriged_grid is None:
         kriged = fit_kriged_map(rss[tr], present[tr], rx_enu, pos[tr], snr[tr], fit_min_snr_db, anchor,
                                 n_iterations=kriging_iterations, seed=seed)
-        kriged_grid = RadioMapGrid.from_kriged(kriged, bounds, spacing_m)
+        kriged_grid = RadioMapGrid.from_fitted(kriged, bounds, spacing_m)
     score_map("kriged_map", kriged_grid, started)
 
     if d.get("scenario_json") is not None:

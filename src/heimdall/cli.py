@@ -46,21 +46,27 @@ def _cmd_train(args) -> dict:
     from heimdall.params import load_params
     from heimdall.stages import train
 
-    return train.run(load_params(args.params), args.features, args.out, args.metrics_dir, args.plots_dir,
+    return train.run(load_params(args.params), args.features, args.out, args.metrics, args.plots_dir,
                      progress=not args.no_progress)
+
+
+def _cmd_evaluate(args) -> dict:
+    from heimdall.params import load_params
+    from heimdall.stages import evaluate
+
+    return evaluate.run(load_params(args.params), args.features, args.checkpoint, args.metrics_dir, args.plots_dir)
 
 
 def _cmd_export_onnx(args) -> dict:
     from heimdall.params import load_params
     from heimdall.stages import export_onnx
-    from heimdall.tracking import git_commit
 
     params = load_params(args.params)
     p = params.export_onnx
     summary = export_onnx.run(
-        args.checkpoint, args.features, args.out, args.metrics, commit=git_commit(),
+        args.checkpoint, args.features, args.out, args.metrics,
         params_hash=params.section_hash("scenario", "export_sessions", "extract_features", "model", "train"),
-        opset=p.opset, max_abs_diff=p.max_abs_diff, latency_runs=p.latency_runs, refinement=p.refinement,
+        opset=p.opset, max_abs_diff=p.max_abs_diff, latency_runs=p.latency_runs,
     )
     return {k: summary[k] for k in ("max_abs_diff", "size_bytes", "p50_latency_ms_batch1",
                                     "torch_p50_latency_ms_batch1") if k in summary}
@@ -128,18 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="data/features.h5 -> models/model.ckpt, models/metrics/{train,test}.json, models/plots/",
-        description="Fit the learned radio map, train LocalizationNet (Lightning, Gaussian NLL, early stopping), "
-        "calibrate its uncertainty on the validation split and evaluate it on the test split beside the "
-        "baselines (kNN, ML log-distance, kriged map, oracle) and the Cramér-Rao bound. Logs to MLflow "
-        "(MLFLOW_TRACKING_URI, default sqlite:///<repo>/mlflow.db).",
+        help="data/features.h5 -> models/model.ckpt, models/metrics/train.json, models/plots/train/",
+        description="Fit the learned radio map, train LocalizationNet (Lightning, Gaussian NLL, early stopping) "
+        "and calibrate its uncertainty on the validation split. Logs to MLflow (MLFLOW_TRACKING_URI, default "
+        "sqlite:///<repo>/mlflow.db); wall-clock timings go to <metrics>.timings.json (not DVC-tracked).",
     )
     _common(p)
     p.add_argument("--features", type=Path, default=Path("data/features.h5"), help="input (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("models/model.ckpt"), help="checkpoint (default: %(default)s)")
-    p.add_argument("--metrics-dir", type=Path, default=Path("models/metrics"), help="(default: %(default)s)")
-    p.add_argument("--plots-dir", type=Path, default=Path("models/plots"), help="(default: %(default)s)")
+    p.add_argument("--metrics", type=Path, default=Path("models/metrics/train.json"), help="(default: %(default)s)")
+    p.add_argument("--plots-dir", type=Path, default=Path("models/plots/train"), help="(default: %(default)s)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="models/model.ckpt -> models/metrics/test.json, models/metrics/compare/, models/plots/evaluate/",
+        description="Score the trained model on the test split beside the baselines (kNN, ML log-distance, "
+        "kriged map) and the physical limit (oracle: the true map; the Cramér-Rao bound) on the same "
+        "sessions; write the comparison table `dvc metrics show` prints, the plots, and log to the "
+        "checkpoint's MLflow run.",
+    )
+    _common(p)
+    p.add_argument("--features", type=Path, default=Path("data/features.h5"), help="input (default: %(default)s)")
+    p.add_argument("--checkpoint", type=Path, default=Path("models/model.ckpt"), help="(default: %(default)s)")
+    p.add_argument("--metrics-dir", type=Path, default=Path("models/metrics"), help="(default: %(default)s)")
+    p.add_argument("--plots-dir", type=Path, default=Path("models/plots/evaluate"), help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "export-onnx",

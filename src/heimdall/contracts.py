@@ -20,6 +20,13 @@ FEATURES_FORMAT = "heimdall.features"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# The model's six inputs (PyTorch forward arguments and ONNX graph inputs, in this order) and the
+# exported graph's outputs; docs/inference.md describes each.
+INPUT_NAMES = ("logmel", "rss_dbm", "snr_db", "present", "has_iq", "receiver_id")
+OUTPUT_NAMES = ("position_enu_m", "covariance_m2", "position_latlon")
+# The feature statistics the model carries inside (buffers of the same names), from normalization/*.
+FEATURE_NORMALIZATION_KEYS = ("logmel_mean_db", "logmel_std_db", "rss_mean_dbm", "rss_std_db", "snr_mean_db",
+                              "snr_std_db")
 
 
 @dataclass(frozen=True)

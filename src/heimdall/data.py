@@ -1,5 +1,5 @@
-"""features.h5 -> tensors for training and evaluation (the whole file fits in memory: 6,000
-sessions are ~350 MB of log-mel), plus the Lightning DataModule.
+"""features.h5 -> the model's inputs for training and evaluation (the whole file fits in memory:
+6,000 sessions are ~350 MB of log-mel). The Lightning DataModule is in heimdall.training.
 """
 
 from __future__ import annotations
@@ -8,15 +8,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from heimdall import contracts as c
 from heimdall.errors import HeimdallError
 
-INPUT_NAMES = ("logmel", "rss_dbm", "snr_db", "present", "has_iq", "receiver_id")
+from heimdall.contracts import INPUT_NAMES  # noqa: F401  (re-exported: the model inputs' names)
 
 
 @dataclass
@@ -70,6 +68,11 @@ class FeatureSet:
             torch.from_numpy(rid),
         )
 
+    def input_batches(self, idx: np.ndarray, batch: int = 128):
+        """The model inputs of sessions ``idx`` in batches of ``batch`` (bounded memory)."""
+        for s in range(0, len(idx), batch):
+            yield self.model_inputs(idx[s:s + batch])
+
 
 def load_features(path: str | Path) -> FeatureSet:
     """Read and check features.h5: layout, finiteness, non-empty train split."""
@@ -77,7 +80,7 @@ def load_features(path: str | Path) -> FeatureSet:
     with c.open_checked(path, c.FEATURES_FORMAT) as f:
         c.validate_layout(f, c.FEATURES_LAYOUT, path)
         try:
-            fs = FeatureSet(
+            features = FeatureSet(
                 logmel=f["features/logmel_db"][()],
                 rss_dbm=f["features/rss_dbm"][()],
                 snr_db=f["features/snr_db"][()],
@@ -101,49 +104,21 @@ def load_features(path: str | Path) -> FeatureSet:
         except (OSError, KeyError) as e:
             raise HeimdallError(f"{path}: read failed (truncated or corrupt?): {e}") from None
     for name in ("logmel", "rss_dbm", "snr_db", "target_enu_m"):
-        arr = getattr(fs, name)
+        arr = getattr(features, name)
         if not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0]
             raise HeimdallError(f"{path}: non-finite value in '{name}' at index {tuple(int(i) for i in bad)}")
-    for k, v in fs.normalization.items():
+    for k, v in features.normalization.items():
         if not np.isfinite(v).all():
             raise HeimdallError(f"{path}: non-finite normalization statistic '{k}'")
-    if len(fs.indices("train")) == 0:
+    if len(features.indices("train")) == 0:
         raise HeimdallError(f"{path}: the train split is empty")
-    if len(fs.indices("val")) == 0:
+    if len(features.indices("val")) == 0:
         raise HeimdallError(f"{path}: the val split is empty (early stopping and calibration need it)")
-    if len(fs.indices("test")) == 0:
+    if len(features.indices("test")) == 0:
         raise HeimdallError(f"{path}: the test split is empty")
-    return fs
+    return features
 
 
-def _dataset(fs: FeatureSet, idx: np.ndarray, include_logmel: bool) -> TensorDataset:
-    inputs = list(fs.model_inputs(idx))
-    if not include_logmel:  # RSS-only model: do not carry 350 MB of spectrograms around
-        inputs[0] = torch.zeros(len(idx), 1, 1, 1)
-    target = torch.from_numpy(fs.target_enu_m[idx].astype(np.float32))
-    return TensorDataset(*inputs, target)
-
-
-class LocalizationDataModule(L.LightningDataModule):
-    def __init__(self, features: FeatureSet, batch_size: int, include_logmel: bool, seed: int):
-        super().__init__()
-        self.fs = features
-        n_train = len(features.indices("train"))
-        # A batch larger than the training split would make one ragged epoch: clamp it.
-        self.batch_size = min(batch_size, n_train)
-        self.include_logmel = include_logmel
-        self.seed = seed
-        self.train_set = _dataset(features, features.indices("train"), include_logmel)
-        self.val_set = _dataset(features, features.indices("val"), include_logmel)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
-
-
-def metadata_json(fs: FeatureSet) -> str:
-    return json.dumps({"receivers": fs.receiver_names, "origin": fs.origin}, sort_keys=True)
+def metadata_json(features: FeatureSet) -> str:
+    return json.dumps({"receivers": features.receiver_names, "origin": features.origin}, sort_keys=True)

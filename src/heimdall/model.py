@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heimdall.contracts import FEATURE_NORMALIZATION_KEYS
+from heimdall.txpower import profile_tx_power
+
 LOG_2PI = math.log(2 * math.pi)
 MASK_VALUE = -1e4  # additive attention mask (finite: keeps ONNX graphs and all-absent rows NaN-free)
 
@@ -159,7 +162,7 @@ class LocalizationNet(nn.Module):
         self.register_buffer("pos_mean", n["target_mean_m"].float().clone())
         self.register_buffer("pos_scale", pos_scale.reshape(()))
         self.register_buffer("receiver_enu_m", receiver_enu_m.float().clone())
-        for key in ("logmel_mean_db", "logmel_std_db", "rss_mean_dbm", "rss_std_db", "snr_mean_db", "snr_std_db"):
+        for key in FEATURE_NORMALIZATION_KEYS:
             self.register_buffer(key, n[key].float().clone().reshape(n[key].shape))
         # Data without SNR (e.g. RSS-only datasets: SNR stored as 0 dB) has a degenerate SNR std (the
         # 1e-6 floor): its normalised SNR would be 0 at inference but ±augment_power_db / 1e-6 in
@@ -186,7 +189,9 @@ class LocalizationNet(nn.Module):
         if radio_map is not None:
             self.register_buffer("map_mean_db", radio_map["mean_db"].float().clone())  # (R, G) at 0 dBm TX
             self.register_buffer("map_sigma_db", radio_map["sigma_db"].float().clone())  # (R,)
-            self.register_buffer("grid_enu_m", radio_map["grid_enu_m"].float().clone())  # (G, 2)
+            grid = radio_map["grid_enu_m"].float()  # (G, 2), stored as two planes (see likelihood_cost)
+            self.register_buffer("grid_east_m", grid[:, 0].clone())
+            self.register_buffer("grid_north_m", grid[:, 1].clone())
             self.register_buffer("cell_var_m2", radio_map["cell_var_m2"].float().reshape(()))
             # neighbourhood of the mode averaged for the point estimate: 2.5 cells (12 cells squared * 0.52)
             self.register_buffer("mode_radius_m2", (radio_map["cell_var_m2"].float() * 12 * 2.5**2).reshape(()))
@@ -240,46 +245,58 @@ class LocalizationNet(nn.Module):
         return mean * self.pos_scale + self.pos_mean, cov
 
     # -- likelihood refinement ---------------------------------------------------------------
+    # Written in the layout onnxruntime runs fastest (the export traces this code as it is): the grid
+    # as two (G,) planes, not (G, 2) (ORT broadcasts over a length-2 innermost axis slowly), sums over
+    # receivers as MatMuls (txpower.profile_tx_power), and the covariance as one weighted sum instead
+    # of Einsums. Measured at batch 1 on 2 CPU cores: ~1.25 ms in ORT, vs ~5.6-17 ms for the
+    # (G, 2) + Einsum form it replaced.
+
+    @property
+    def grid_enu_m(self) -> torch.Tensor:
+        """(G, 2) east, north of the map's cell centres."""
+        return torch.stack([self.grid_east_m, self.grid_north_m], 1)
+
     def likelihood_cost(self, rss_dbm, present, receiver_id):
         """(B, G) chi-square of the readings at every grid cell, TX power profiled out."""
         # Every present reading counts, weak ones too: "this receiver barely hears it" is information
         # (measured: dropping readings below 10 dB SNR doubled the oracle's median error).
-        w = present.float() / (self.map_sigma_db[receiver_id] ** 2)  # (B, R)
+        weight = present.float() / (self.map_sigma_db[receiver_id] ** 2)  # (B, R)
         resid = rss_dbm[..., None] - self.map_mean_db[receiver_id]  # (B, R, G)
-        power = (w[..., None] * resid).sum(1, keepdim=True) / w.sum(1, keepdim=True)[..., None].clamp_min(1e-9)
-        cost = (w[..., None] * (resid - power) ** 2).sum(1)
+        power, chi2 = profile_tx_power(resid, weight)
         # A cell that needs an implausible TX power to explain the readings is unlikely: a soft
         # prior, flat inside the training sessions' power range and Gaussian (3 dB) outside.
-        power = power[:, 0, :]
         outside = F.relu(self.power_range_dbm[0] - power) + F.relu(power - self.power_range_dbm[1])
-        return cost + (outside / 3.0) ** 2
+        return chi2 + (outside / 3.0) ** 2
 
     def posterior(self, cost, prior_mean, prior_cov):
-        """Posterior over the grid from the likelihood cost and the network's Gaussian prior."""
+        """Posterior over the grid from the likelihood cost and the network's Gaussian prior:
+        (mean (B, 2), covariance (B, 2, 2)) in ENU metres."""
+        east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
         pc = prior_cov * self.prior_scale**2
         det = pc[:, 0, 0] * pc[:, 1, 1] - pc[:, 0, 1] * pc[:, 1, 0]
-        d = self.grid_enu_m[None] - prior_mean[:, None, :]  # (B, G, 2)
-        maha = (d[..., 0] ** 2 * pc[:, 1, 1, None] - 2 * d[..., 0] * d[..., 1] * pc[:, 0, 1, None]
-                + d[..., 1] ** 2 * pc[:, 0, 0, None]) / det[:, None]
+        de, dn = east - prior_mean[:, 0:1], north - prior_mean[:, 1:2]  # (B, G)
+        maha = (de**2 * pc[:, 1, 1, None] - 2 * de * dn * pc[:, 0, 1, None] + dn**2 * pc[:, 0, 0, None]) / det[:, None]
         logits = -0.5 * cost / self.likelihood_temperature - 0.5 * maha
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
         # would fall between them.
-        mode = self.grid_enu_m[logits.argmax(dim=1)]  # (B, 2)
-        near = (((self.grid_enu_m[None] - mode[:, None, :]) ** 2).sum(-1) <= self.mode_radius_m2).float()
+        mode = logits.argmax(dim=1)
+        mode_e, mode_n = self.grid_east_m[mode][:, None], self.grid_north_m[mode][:, None]
+        near = (((east - mode_e) ** 2 + (north - mode_n) ** 2) <= self.mode_radius_m2).float()
         post = torch.softmax(logits, dim=1)  # (B, G)
         local = post * near
-        mean = (local @ self.grid_enu_m) / local.sum(1, keepdim=True).clamp_min(1e-30)
+        total = local.sum(1, keepdim=True).clamp_min(1e-30)
+        mean_e, mean_n = (local * east).sum(1, keepdim=True) / total, (local * north).sum(1, keepdim=True) / total
         # Covariance: the posterior second moment about the estimate, so the mass of other modes
         # widens the ellipse instead of being ignored. The posterior is a mixture (the mode plus
         # far-away alternatives): a Gaussian calibrated at both 1σ and 2σ needs the two parts
-        # weighted separately (fitted on validation).
-        dd = self.grid_enu_m[None] - mean[:, None, :]
-        local_cov = torch.einsum("bg,bgi,bgj->bij", local, dd, dd)
-        remote_cov = torch.einsum("bg,bgi,bgj->bij", post - local, dd, dd)
-        cov = self.cov_scale_local * local_cov + self.cov_scale_remote * remote_cov
-        cov = cov + torch.eye(2, dtype=cov.dtype, device=cov.device) * self.cell_var_m2 * self.cov_scale_local
-        return mean, cov
+        # weighted separately (fitted on validation): a·Σ local·ddᵀ + b·Σ (post − local)·ddᵀ.
+        de, dn = east - mean_e, north - mean_n
+        weight = self.cov_scale_local * local + self.cov_scale_remote * (post - local)
+        cee, cen, cnn = (weight * de * de).sum(1), (weight * de * dn).sum(1), (weight * dn * dn).sum(1)
+        cell = self.cell_var_m2 * self.cov_scale_local
+        cov = torch.stack([torch.stack([cee + cell, cen], -1), torch.stack([cen, cnn + cell], -1)], -2)
+        return torch.cat([mean_e, mean_n], 1), cov
 
     def refine(self, prior_mean, prior_cov, rss_dbm, present, receiver_id):
         """Posterior over the map grid: RSS likelihood (TX power profiled out) x network prior."""
@@ -291,3 +308,16 @@ class LocalizationNet(nn.Module):
         if self.has_map:
             mean, cov = self.refine(mean, cov, rss_dbm, present, receiver_id)
         return mean, cov
+
+
+@torch.no_grad()
+def estimate(model: LocalizationNet, input_batches, network_only: bool = False) -> tuple:
+    """Run ``model`` over an iterable of input batches -> (mean (n, 2), covariance (n, 2, 2)), float64
+    numpy, ENU metres. ``network_only``: the network's Gaussian without the map refinement."""
+    model.eval()
+    means, covs = [], []
+    for inputs in input_batches:
+        m, c = model.network_metric(*inputs) if network_only else model(*inputs)
+        means.append(m.double())
+        covs.append(c.double())
+    return torch.cat(means).numpy(), torch.cat(covs).numpy()

@@ -211,7 +211,6 @@ class ExportOnnxParams(_Section):
     opset: int = Field(ge=17, le=23)
     max_abs_diff: float = Field(gt=0, le=1)
     latency_runs: int = Field(ge=10, le=100_000)
-    refinement: Literal["planar", "traced"]
 
 
 class RegisterParams(_Section):

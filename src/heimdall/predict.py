@@ -45,7 +45,7 @@ def resolve_model(model: str | Path, workdir: Path) -> Path:
     return found[0]
 
 
-def ellipse(cov: np.ndarray, k: float) -> dict:
+def ellipse_axes(cov: np.ndarray, k: float) -> dict:
     """k-σ ellipse {x : xᵀ Σ⁻¹ x ≤ k²} of a 2×2 ENU covariance: semi-axes (m) and the major axis'
     azimuth (degrees clockwise from north, in [0, 180))."""
     evals, evecs = np.linalg.eigh(cov)
@@ -74,8 +74,8 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
                      batch: int = 64) -> list[dict]:
     """One dict per session: position (lat/lon and ENU), covariance, 1σ/2σ ellipses, receivers used,
     and the error against the file's ground truth where it has one."""
-    from heimdall.stages.export_onnx import load_onnx_session
-    from heimdall.stages.extract_features import open_sessions
+    from heimdall.export.runtime import load_onnx_session
+    from heimdall.sessions_file import open_sessions
 
     sessions_path = Path(sessions_path)
     with tempfile.TemporaryDirectory(prefix="heimdall-predict-") as work:
@@ -138,8 +138,8 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
                     "latitude_deg": float(latlon[i, 0]), "longitude_deg": float(latlon[i, 1]),
                     "east_m": float(enu[i, 0]), "north_m": float(enu[i, 1]),
                     "covariance_m2": cov[i].astype(float).tolist(),
-                    "ellipse_1sigma": ellipse(cov[i].astype(np.float64), 1.0),
-                    "ellipse_2sigma": ellipse(cov[i].astype(np.float64), 2.0),
+                    "ellipse_1sigma": ellipse_axes(cov[i].astype(np.float64), 1.0),
+                    "ellipse_2sigma": ellipse_axes(cov[i].astype(np.float64), 2.0),
                     "receivers_used": used,
                 }
                 if not used:

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from heimdall import contracts as c
+from heimdall.errors import HeimdallError
 
 # IQ chunk = 8 sessions x all receivers x all samples: extract_features reads whole sessions in
 # batches, so a chunk is never split by a read, and 8 x 7 x 3000 x 4 B = 672 kB fits HDF5's cache.
@@ -76,3 +77,23 @@ def write_sessions(
                 bar.update(sl.stop - sl.start)
         if written != n:
             raise RuntimeError(f"source produced {written} sessions, expected {n}")
+
+
+def open_sessions(path: Path) -> tuple[h5py.File, dict[str, int]]:
+    """Open a sessions.h5 checked against the contract -> (open file, dimension sizes); the caller closes it."""
+    f = c.open_checked(path, c.SESSIONS_FORMAT)
+    try:
+        dims = c.validate_layout(f, c.SESSIONS_LAYOUT, path)
+        if dims["N"] == 0:
+            raise HeimdallError(f"{path}: contains no sessions")
+        for key in ("sample_rate_hz", "n_samples"):
+            if key not in f.attrs:
+                raise HeimdallError(f"{path}: missing attribute '{key}'")
+        if int(f.attrs["n_samples"]) != dims["S"]:
+            raise HeimdallError(f"{path}: attribute n_samples={f.attrs['n_samples']} but IQ has {dims['S']}")
+        if not float(f.attrs["sample_rate_hz"]) > 0:
+            raise HeimdallError(f"{path}: attribute sample_rate_hz must be > 0")
+    except BaseException:
+        f.close()
+        raise
+    return f, dims

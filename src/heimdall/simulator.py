@@ -12,14 +12,17 @@ for any learner on this data.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from heimdall import geo
-from heimdall.params import ExportSessionsParams, ScenarioParams
+from heimdall.radiomap import free_space_loss_1km_db  # noqa: F401  (the simulator's anchor; re-exported)
+from heimdall.params import ExportSessionsParams, Params, ScenarioParams
 
 # Sessions generated per RNG block. Part of the output's definition (changing it changes the
 # bytes of the IQ noise), so it is a constant, not a tuning knob.
@@ -33,11 +36,6 @@ MIN_DISTANCE_M = 10.0
 CAMPAIGN_EPOCH_UNIX_S = 1767225600.0  # 2026-01-01T00:00:00Z
 SESSION_NAMESPACE = uuid.UUID("6f1c7f1e-3c55-4d1e-9a53-4ee2d1a0b001")
 INT16_FULL_SCALE = 32000.0
-
-
-def free_space_loss_1km_db(frequency_mhz: float) -> float:
-    """Friis free-space path loss at 1 km: 32.45 + 20 log10(f / MHz) dB."""
-    return 32.45 + 20.0 * np.log10(frequency_mhz)
 
 
 @dataclass(frozen=True)
@@ -186,19 +184,19 @@ class Scenario:
 
     def _simulate_block(self, c: Campaign, sl: slice, export: ExportSessionsParams, rng) -> dict:
         p = self.params
-        fs, s = float(export.sample_rate_hz), export.n_samples
+        rate_hz, s = float(export.sample_rate_hz), export.n_samples
         b, n_rx = sl.stop - sl.start, self.n_receivers
-        t = np.arange(s) / fs
+        t = np.arange(s) / rate_hz
 
         # NBFM voice-like transmission: band-limited (300-3000 Hz) random audio, peak-normalised,
         # frequency-modulated with the configured peak deviation. One waveform per session,
         # heard by every receiver.
         audio = np.fft.rfft(rng.standard_normal((b, s)), axis=1)
-        f = np.fft.rfftfreq(s, 1 / fs)
+        f = np.fft.rfftfreq(s, 1 / rate_hz)
         audio[:, (f < 300) | (f > 3000)] = 0
         audio = np.fft.irfft(audio, n=s, axis=1)
         audio /= np.maximum(np.abs(audio).max(axis=1, keepdims=True), 1e-12)
-        phase = 2 * np.pi * p.fm_deviation_hz * np.cumsum(audio, axis=1) / fs
+        phase = 2 * np.pi * p.fm_deviation_hz * np.cumsum(audio, axis=1) / rate_hz
         tx_wave = np.exp(1j * phase).astype(np.complex64)  # (B, S), unit power
 
         # Rician fading per (session, receiver): LOS + sum of scatterers with Doppler, computed on
@@ -223,7 +221,7 @@ class Scenario:
         lo = np.exp(2j * np.pi * c.carrier_offset_hz[sl][..., None] * t)
         signal = (amp * h * lo).astype(np.complex64) * tx_wave[:, None, :]
 
-        noise_mw = 10 ** (self.noise_power_dbm(fs) / 10)  # (R,)
+        noise_mw = 10 ** (self.noise_power_dbm(rate_hz) / 10)  # (R,)
         noise_std = np.sqrt(noise_mw / 2).astype(np.float32)[None, :, None]
         y = np.empty((b, n_rx, s, 2), dtype=np.float32)
         y[..., 0] = signal.real + noise_std * rng.standard_normal((b, n_rx, s), dtype=np.float32)
@@ -251,3 +249,56 @@ class Scenario:
             "rss_dbm": rss.astype(np.float32),
             "snr_db": snr.astype(np.float32),
         }
+
+
+def export_campaign(params: Params, path: Path, progress: bool = True) -> dict:
+    """Simulate the campaign of ``params`` (scenario, export_sessions) into a sessions.h5 at ``path``."""
+    from heimdall.sessions_file import write_sessions
+
+    exp = params.export_sessions
+    scenario = Scenario(params.scenario)
+    campaign = scenario.draw_campaign(exp, exp.seed)
+    n = exp.n_sessions
+    scenario_json = json.dumps(params.scenario.model_dump(mode="json"), sort_keys=True)
+
+    def blocks():
+        for sl, arrays in scenario.iq_blocks(campaign, exp, exp.seed):
+            present = campaign.present[sl]
+            yield sl, {"present": present, "has_iq": present, **arrays}
+
+    write_sessions(
+        path,
+        attrs={
+            "source": "synthetic",
+            "sample_rate_hz": float(exp.sample_rate_hz),
+            "n_samples": exp.n_samples,
+            "scenario_json": scenario_json,
+            "campaign_seed": exp.seed,
+        },
+        receivers={
+            "name": np.array(scenario.names, dtype=object),
+            "station_id": np.array([f"sim-{i}" for i in range(scenario.n_receivers)], dtype=object),
+            "latitude_deg": scenario.rx_lat,
+            "longitude_deg": scenario.rx_lon,
+            "altitude_m": scenario.rx_alt,
+        },
+        sessions={
+            "session_id": campaign.session_id.astype(object),
+            # i.i.d. transmitter positions: every session is its own transmitter
+            "group_id": campaign.session_id.astype(object),
+            "start_time_unix_s": campaign.start_time_unix_s,
+            "frequency_hz": np.full(n, params.scenario.frequency_mhz * 1e6),
+            "tx_latitude_deg": campaign.tx_latitude_deg,
+            "tx_longitude_deg": campaign.tx_longitude_deg,
+            "tx_power_dbm": campaign.tx_power_dbm,
+        },
+        n_samples=exp.n_samples,
+        blocks=blocks(),
+        progress=progress,
+    )
+    return {
+        "source": "synthetic",
+        "sessions": n,
+        "receivers": scenario.n_receivers,
+        "receiver_outages": int((~campaign.present).sum()),
+    }

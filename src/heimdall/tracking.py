@@ -126,6 +126,48 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def numbers(d: dict) -> dict[str, float]:
+    """The finite numbers of a nested dict, keys dotted (what MLflow metrics can hold)."""
+    import math
+
+    return {k: float(v) for k, v in flatten(d).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def write_timings(metrics_path: str | Path, timings: dict[str, float]) -> Path:
+    """Wall-clock timings of a stage beside its metrics file, as ``<name>.timings.json``.
+
+    Not a DVC output (git-ignored): timings differ on every run, and DVC-tracked outputs must be
+    byte-identical when nothing changed. They also go to MLflow with the stage's run."""
+    import json
+
+    from heimdall.atomic import atomic_path
+
+    path = Path(metrics_path).with_suffix(".timings.json")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({k: round(float(v), 3) for k, v in timings.items()}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def run_for_checkpoint(experiment: str, checkpoint_md5: str):
+    """(MlflowClient, run id) of the training run that wrote the checkpoint with this md5 (tag
+    ``checkpoint_md5``), or a new run with that tag when there is none (a checkpoint restored by
+    ``dvc pull`` on another machine): the evaluate stage logs its test metrics there."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location())
+    runs = client.search_runs([exp_id], f"tags.checkpoint_md5 = '{checkpoint_md5}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        return client, runs[0].info.run_id
+    run = client.create_run(exp_id, tags={"checkpoint_md5": checkpoint_md5,
+                                          mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME: "evaluate"})
+    return client, run.info.run_id
+
+
 def mlflow_logger(params):
     """Lightning's MLFlowLogger on the project's store, with the params this stage used."""
     from lightning.pytorch.loggers import MLFlowLogger

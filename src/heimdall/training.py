@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
-import torch
+from pathlib import Path
 
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from heimdall.atomic import save_figure, write_csv
+from heimdall.data import FeatureSet
 from heimdall.model import LocalizationNet, gaussian_nll
 
 
@@ -80,3 +86,49 @@ class LocalizationModule(L.LightningModule):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.max_epochs, 1), eta_min=self.lr * 0.05)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def _dataset(features: FeatureSet, idx: np.ndarray, include_logmel: bool) -> TensorDataset:
+    inputs = list(features.model_inputs(idx))
+    if not include_logmel:  # RSS-only model: do not carry 350 MB of spectrograms around
+        inputs[0] = torch.zeros(len(idx), 1, 1, 1)
+    target = torch.from_numpy(features.target_enu_m[idx].astype(np.float32))
+    return TensorDataset(*inputs, target)
+
+
+class LocalizationDataModule(L.LightningDataModule):
+    def __init__(self, features: FeatureSet, batch_size: int, include_logmel: bool, seed: int):
+        super().__init__()
+        self.features = features
+        n_train = len(features.indices("train"))
+        # A batch larger than the training split would make one ragged epoch: clamp it.
+        self.batch_size = min(batch_size, n_train)
+        self.include_logmel = include_logmel
+        self.seed = seed
+        self.train_set = _dataset(features, features.indices("train"), include_logmel)
+        self.val_set = _dataset(features, features.indices("val"), include_logmel)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
+
+
+def write_learning_curve(plots_dir: Path, history: list[dict]) -> list[Path]:
+    """learning_curve.csv for `dvc plots` and learning_curves.png (the train stage's plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(plots_dir / "learning_curve.csv",
+               [{"epoch": h["epoch"], "train_loss": h["train_loss"], "val_loss": h["val_loss"]} for h in history])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label="train (augmented)")
+    ax.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], label="val")
+    ax.set(xlabel="epoch", ylabel="Gaussian NLL (network, normalised units)", title="Learning curves")
+    ax.legend()
+    return [plots_dir / "learning_curve.csv", save_figure(fig, plots_dir / "learning_curves.png")]

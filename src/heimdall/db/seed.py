@@ -37,7 +37,7 @@ def _uid(*parts: object) -> str:
 
 
 def seed_from_simulation(params: Params, db: Database, progress: bool = True) -> dict:
-    from heimdall.stages import export_sessions
+    from heimdall.simulator import export_campaign
 
     exp = params.export_sessions
     params = params.model_copy(update={"export_sessions": exp.model_copy(update={"source": "synthetic"})})
@@ -46,7 +46,7 @@ def seed_from_simulation(params: Params, db: Database, progress: bool = True) ->
     store.ensure_bucket()
     with tempfile.TemporaryDirectory(prefix="heimdall-seed-") as tmp:
         h5 = Path(tmp) / "sessions.h5"
-        export_sessions.run(params, h5, progress=progress)
+        export_campaign(params, h5, progress=progress)
         with h5py.File(h5, "r") as f:
             summary = _write(f, db, store, exp.duration_s, progress)
     return {"database": db.display, "bucket": store.bucket, "migrations_applied": init["applied"], **summary}
@@ -61,7 +61,7 @@ def _write(f: h5py.File, db: Database, store: IQStore, duration_s: float, progre
     m = f["measurements"]
     present, rss, snr = m["present"][()], m["rss_dbm"][()], m["snr_db"][()]
     n = len(sids)
-    fs, n_samples = int(f.attrs["sample_rate_hz"]), int(f.attrs["n_samples"])
+    rate_hz, n_samples = int(f.attrs["sample_rate_hz"]), int(f.attrs["n_samples"])
 
     station_rows = [
         (_uid("station", name), name, f"http://{name.lower().replace(' ', '-')}.websdr.invalid/", "IT",
@@ -85,7 +85,7 @@ def _write(f: h5py.File, db: Database, store: IQStore, duration_s: float, progre
             key = iq_key(sid, station_id)
             meas_rows.append((starts[i], _uid("measurement", sid, station_id), station_id, sid, freq,
                               float(rss[i, j]), None if np.isnan(snr[i, j]) else float(snr[i, j]), None,
-                              key, "npy", fs, n_samples, duration_s))
+                              key, "npy", rate_hz, n_samples, duration_s))
             uploads.append((i, j, key))
 
     # IQ first: a committed measurement row must never point at an object that is not there.

@@ -241,7 +241,7 @@ class _MeasurementReader:
         self.index = {sid: i for i, sid in enumerate(session_ids)}
         self.rx_index = {sid: j for j, sid in enumerate(station_ids)}
         self.n, self.r = len(session_ids), len(station_ids)
-        self.s, self.fs = exp.n_samples, float(exp.sample_rate_hz)
+        self.s, self.rate_hz = exp.n_samples, float(exp.sample_rate_hz)
         self.p, self.counts = p, counts
         self.store = IQStore(p.s3_bucket)
         self.warned = 0
@@ -307,9 +307,9 @@ class _MeasurementReader:
                 self.counts.add("receivers_rss_only")
                 continue
             location, fmt, rate = with_iq[0][2], with_iq[0][3], with_iq[0][4]
-            if fmt not in (None, "npy") or (rate is not None and float(rate) != self.fs):
+            if fmt not in (None, "npy") or (rate is not None and float(rate) != self.rate_hz):
                 self.counts.add("iq_incompatible")
-                self._warn(f"{location}: format {fmt!r} at {rate} Hz, export needs npy at {self.fs:g} Hz; RSS only")
+                self._warn(f"{location}: format {fmt!r} at {rate} Hz, export needs npy at {self.rate_hz:g} Hz; RSS only")
                 continue
             fetch.append((i, j, *split_location(location, self.p.s3_bucket)))
         if fetch:

@@ -20,6 +20,7 @@ from heimdall.atomic import atomic_path
 from heimdall.errors import HeimdallError
 from heimdall.features import LogMelFrontend, featurize_block
 from heimdall.params import Params
+from heimdall.sessions_file import open_sessions
 from heimdall.splits import assign_split
 
 _COPIED_SESSION_FIELDS = (
@@ -51,25 +52,6 @@ class _RunningMoments:
         return mean, np.maximum(std, 1e-6)
 
 
-def open_sessions(path: Path) -> tuple[h5py.File, dict[str, int]]:
-    f = c.open_checked(path, c.SESSIONS_FORMAT)
-    try:
-        dims = c.validate_layout(f, c.SESSIONS_LAYOUT, path)
-        if dims["N"] == 0:
-            raise HeimdallError(f"{path}: contains no sessions")
-        for key in ("sample_rate_hz", "n_samples"):
-            if key not in f.attrs:
-                raise HeimdallError(f"{path}: missing attribute '{key}'")
-        if int(f.attrs["n_samples"]) != dims["S"]:
-            raise HeimdallError(f"{path}: attribute n_samples={f.attrs['n_samples']} but IQ has {dims['S']}")
-        if not float(f.attrs["sample_rate_hz"]) > 0:
-            raise HeimdallError(f"{path}: attribute sample_rate_hz must be > 0")
-    except BaseException:
-        f.close()
-        raise
-    return f, dims
-
-
 def run(params: Params, sessions_path: Path, out: Path, progress: bool = True) -> dict:
     p = params.extract_features
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -84,7 +66,7 @@ def run(params: Params, sessions_path: Path, out: Path, progress: bool = True) -
 
 def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, progress: bool) -> dict:
     n, r, s = dims["N"], dims["R"], dims["S"]
-    fs = float(src.attrs["sample_rate_hz"])
+    rate_hz = float(src.attrs["sample_rate_hz"])
     rx = {k: src[f"receivers/{k}"][()] for k in _COPIED_RECEIVER_FIELDS}
     sess = {k: src[f"sessions/{k}"][()] for k in _COPIED_SESSION_FIELDS}
     bad_rx = ~np.isfinite(rx["latitude_deg"]) | ~np.isfinite(rx["longitude_deg"]) | ~np.isfinite(rx["altitude_m"])
@@ -113,7 +95,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     is_train = split == c.SPLIT_CODES["train"]
 
     try:
-        frontend = LogMelFrontend(fs, s, p.n_fft, p.n_mels, p.n_frames)
+        frontend = LogMelFrontend(rate_hz, s, p.n_fft, p.n_mels, p.n_frames)
     except ValueError as e:
         raise HeimdallError(f"extract_features: {e}") from None
 
@@ -129,7 +111,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
             "origin_latitude_deg": origin[0],
             "origin_longitude_deg": origin[1],
             "origin_altitude_m": origin[2],
-            "sample_rate_hz": fs,
+            "sample_rate_hz": rate_hz,
             "n_fft": p.n_fft,
             "hop_length": frontend.hop_length,
             "n_mels": p.n_mels,

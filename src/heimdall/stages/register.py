@@ -6,7 +6,9 @@
 2. Register it as a new version of ``register.model_name`` with the same tags.
 3. Alias ``candidate`` -> the new version. Alias ``champion`` moves to it only if its test
    ``median_error_m`` is strictly lower than the current champion's (or there is no champion).
-4. Write ``models/registry.json`` (name, version, aliases, run id, tracking URI without credentials).
+4. Write ``models/registry.json`` (DVC output: model name, registration key, ONNX md5, test metrics —
+   what the inputs determine, byte-identical on a rerun) and ``models/registry.store.json`` beside it
+   (git-ignored: version, aliases, run id, tracking URI without credentials — what the store decided).
 
 DVC declares registry.json ``cache: false``: DVC's run-cache could otherwise "restore" the stage
 without running it, and a registry entry cannot be restored from a cache.
@@ -21,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from heimdall.atomic import atomic_path
+from heimdall.atomic import md5_file, write_json
 from heimdall.errors import HeimdallError
 from heimdall.params import Params
 from heimdall.tracking import artifact_location, dvc_lock_md5, git_commit, redact_uri, scrub, tracking_uri
@@ -34,12 +36,9 @@ TEST_KEYS = ("n_test", "median_error_m", "mean_error_m", "p90_error_m", "rmse_m"
              "coverage_1sigma", "coverage_2sigma", "crlb_rmse_m")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - the digest DVC itself records, not a security use
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def store_path(registry_json: str | Path) -> Path:
+    """Where register writes what the MLflow store decided (version, aliases, run): beside registry.json."""
+    return Path(registry_json).with_suffix(".store.json")
 
 
 def _test_metrics(path: Path) -> dict[str, float]:
@@ -94,7 +93,7 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
     if not onnx_path.exists():
         raise HeimdallError(f"{onnx_path}: ONNX model not found (run the export_onnx stage first)")
     metrics = _test_metrics(test_metrics_path)
-    onnx_md5 = _md5(onnx_path)
+    onnx_md5 = md5_file(onnx_path)
     lock_md5 = dvc_lock_md5(onnx_path.as_posix())
     if lock_md5 not in ("unknown", onnx_md5):
         log.warning("dvc.lock records md5 %s for %s but the file has %s; tagging the file's", lock_md5, onnx_path,
@@ -145,7 +144,17 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
     except MlflowException as e:
         raise HeimdallError(f"MLflow at {safe_uri}: {scrub(str(e).strip().splitlines()[0])}") from None
 
-    registry = {
+    # registry.json (the DVC output) holds what the inputs determine, so reruns and fresh clones give
+    # the same bytes; what the store decided (version, aliases, run) depends on its history and goes
+    # beside it, git-ignored: registry.store.json. The registration key finds the version again.
+    record = {
+        "name": p.model_name,
+        "registration_key": key,
+        "find_version": f"name = '{p.model_name}' and tags.registration_key = '{key}'",
+        "onnx_md5": onnx_md5,
+        "test": metrics,
+    }
+    store = {
         "name": p.model_name,
         "version": version,
         "aliases": aliases,
@@ -156,10 +165,11 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
         "champion_version": version if promoted else (str(champ.version) if champ is not None else None),
         "test_median_error_m": metrics["median_error_m"],
         "previous_champion_median_error_m": None if champ is None else champ_err,
+        "registration_key": key,
         "tags": tags,
     }
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    write_json(store_path(out), store)
+    write_json(out, record)
     log.info("registered %s version %s (%s)", p.model_name, version, ", ".join(aliases))
     return {"name": p.model_name, "version": version, "aliases": aliases, "promoted_to_champion": promoted}
 

@@ -1,0 +1,102 @@
+"""Calibration of the likelihood refinement on the validation split: likelihood temperature and
+prior (network) width, then the two covariance weights (docs/model.md).
+
+The radio map was fitted on the training sessions, so its residuals there are optimistic;
+validation sessions never touched the map or the network weights, so this is honest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from heimdall.data import FeatureSet
+from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq
+from heimdall.model import LocalizationNet, estimate
+
+# 1e6: the likelihood is effectively off (posterior = the network's Gaussian on the grid): lets the
+# validation split choose "trust the network" where the learned map is weak (real campus data).
+TEMPERATURES = (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 1e6)
+PRIOR_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 1000.0)  # 1000: effectively a flat prior
+COV_SCALES = tuple(float(x) for x in np.round(np.geomspace(0.05, 20.0, 27), 4))
+COVERAGE_1SIGMA, COVERAGE_2SIGMA = 1 - math.exp(-0.5), 1 - math.exp(-2.0)
+COVERAGE_2SIGMA_TOLERANCE = 0.01  # val 2σ coverage this close to the best reachable counts as met
+
+
+def choose_covariance_weights(mean, local_cov, remote_cov, target, scales=COV_SCALES) -> tuple[float, float]:
+    """(a, b) for covariance a·local + b·remote: val 2σ coverage closest to 86.5 % (within
+    COVERAGE_2SIGMA_TOLERANCE of the best reachable), then 1σ closest to 39.3 %."""
+    candidates = []  # (2σ miss, 1σ miss, a, b) in a fixed order: ties resolve deterministically
+    for a in scales:
+        for b in scales:
+            m2 = mahalanobis_sq(mean, a * local_cov + b * remote_cov, target)
+            candidates.append((abs(ellipse_coverage(m2, 2) - COVERAGE_2SIGMA),
+                               abs(ellipse_coverage(m2, 1) - COVERAGE_1SIGMA), a, b))
+    reachable = min(c[0] for c in candidates) + COVERAGE_2SIGMA_TOLERANCE
+    _, _, a, b = min((c for c in candidates if c[0] <= reachable), key=lambda c: c[1])
+    return float(a), float(b)
+
+
+@torch.no_grad()
+def calibrate_refinement(model: LocalizationNet, features: FeatureSet) -> dict:
+    """Calibrate the refinement's four constants on the validation split.
+
+    Temperature and prior width minimise the geometric-mean position error; then the two
+    covariance weights bring the 2σ coverage as close as possible to the 2-D Gaussian's 86.5 %
+    and, among those, the 1σ coverage closest to 39.3 %.
+
+    The radio map was fitted on the training sessions, so its residuals there are optimistic;
+    validation sessions never touched the map or the network weights, so this is honest.
+    """
+    va = features.indices("val")
+    prior_mean, prior_cov = estimate(model, features.input_batches(va), network_only=True)
+    target = features.target_enu_m[va]
+    chunks = [slice(s, s + 128) for s in range(0, len(va), 128)]
+    # the likelihood cost does not depend on the four constants: compute it once
+    costs = [model.likelihood_cost(x[1], x[3], x[5]) for x in features.input_batches(va, 128)]
+    pm, pc = torch.from_numpy(prior_mean).float(), torch.from_numpy(prior_cov).float()
+    best = (math.inf, 1.0, 1.0)
+    table = []
+    for temp in TEMPERATURES:
+        for scale in PRIOR_SCALES:
+            model.likelihood_temperature.fill_(temp)
+            model.prior_scale.fill_(scale)
+            out = [model.posterior(cost, pm[sl], pc[sl]) for cost, sl in zip(costs, chunks)]
+            mean = torch.cat([m for m, _ in out]).double().numpy()
+            cov = torch.cat([c for _, c in out]).double().numpy()
+            metrics = gaussian_metrics(mean, cov, target)
+            # Geometric-mean error: rewards landing on the right mode without being dominated by the
+            # far-away ones (the median of a bimodal error distribution is too noisy to select on).
+            log_err = float(np.mean(np.log1p(np.linalg.norm(mean - target, axis=1))))
+            table.append({"temperature": temp, "prior_scale": scale, "val_nll": metrics["nll"],
+                          "val_median_error_m": metrics["median_error_m"], "val_mean_log_error": log_err})
+            if log_err < best[0]:
+                best = (log_err, temp, scale)
+    model.likelihood_temperature.fill_(best[1])
+    model.prior_scale.fill_(best[2])
+
+    # Then the weights of the covariance's two parts (mode neighbourhood / far-away alternatives).
+    # Neither moves the point estimate. Errors are heavier-tailed than a Gaussian's (a confidently
+    # chosen wrong mode), so one Gaussian cannot match 39.3 % at 1σ and 86.5 % at 2σ together.
+    # The 2σ ellipse is the search area an operator acts on: it comes first (val coverage within
+    # COVERAGE_2SIGMA_TOLERANCE of the best reachable), then 1σ as close as it can get. (Minimising
+    # the summed 1σ + 2σ misses instead traded 2σ away: 0.77 on test on 5 POWDER splits, docs/results.md.)
+    parts = []
+    for local, remote in ((1.0, 0.0), (0.0, 1.0)):
+        model.cov_scale_local.fill_(local)
+        model.cov_scale_remote.fill_(remote)
+        out = [model.posterior(cost, pm[sl], pc[sl]) for cost, sl in zip(costs, chunks)]
+        parts.append(torch.cat([c for _, c in out]).double().numpy())
+        mean = torch.cat([m for m, _ in out]).double().numpy()
+    local_cov, remote_cov = parts
+    a, b = choose_covariance_weights(mean, local_cov, remote_cov, target)
+    model.cov_scale_local.fill_(a)
+    model.cov_scale_remote.fill_(b)
+    # the posterior's covariance is linear in the two weights: no third pass over validation
+    final = gaussian_metrics(mean, a * local_cov + b * remote_cov, target)
+    return {"val_nll": final["nll"], "val_median_error_m": final["median_error_m"],
+            "val_coverage_1sigma": final["coverage_1sigma"], "val_coverage_2sigma": final["coverage_2sigma"],
+            "likelihood_temperature": best[1], "prior_scale": best[2],
+            "cov_scale_local": a, "cov_scale_remote": b, "grid": table}
