@@ -3,8 +3,8 @@
 For every stage of dvc.yaml whose command is ``heimdall <verb>`` this computes, statically with
 ``ast`` (nothing is imported), the set of source files the verb runs:
 
-  * src/heimdall/cli.py itself, its module-level ``heimdall`` imports, and the imports inside the
-    verb's handler (``set_defaults(func=_cmd_...)`` in build_parser) and inside any cli.py function
+  * src/heimdall/cli.py itself, its module-level ``heimdall`` imports, the imports inside ``main()``
+    (it runs before every verb: it pins the CPU numerics) and inside the verb's handler (``set_defaults(func=_cmd_...)`` in build_parser) and inside any cli.py function
     that handler calls. Other verbs' handlers do not count, nor does ``heimdall.db.cli`` (build_parser
     imports it for every verb, but it only registers the ``db`` verbs' arguments; its handlers' imports
     never run for a pipeline stage);
@@ -306,6 +306,8 @@ def stage_closure(stage: dict, handlers=None) -> dict[Path, str | None]:
                 start.setdefault(f, None)
             modules.update(dict.fromkeys(imports_in(_parse(entry), entry, skip_functions=True), entry))
         modules.update(dict.fromkeys(handler_imports(path, name), path))
+    # main() runs before every verb's handler (it pins the CPU numerics, which changes every output)
+    modules.update(dict.fromkeys(handler_imports(CLI, "main"), CLI))
     return import_closure(start, modules)
 
 

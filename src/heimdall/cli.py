@@ -221,6 +221,13 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Same bits on every x86-64 machine: cap numpy/OpenBLAS/ATen/MKL/oneDNN at AVX2 and pin threads,
+    # before any of them is loaded (docs/reproducibility.md). In a process that already loaded them
+    # (tests calling main()), pinning now would not reach them: leave that process as it is.
+    from heimdall import numerics
+
+    if not numerics.loaded_readers():
+        numerics.pin_cpu_numerics()
     args = build_parser().parse_args(argv)
     # SIGTERM (dvc, CI, kill) unwinds like Ctrl-C, so temporary outputs are cleaned up.
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -179,6 +179,9 @@ def mlflow_logger(params):
         run_name=os.environ.get("DVC_EXP_NAME") or None,
         log_model=False,
     )
+    from heimdall.numerics import describe
+
     used = {s: params.model_dump(mode="json")[s] for s in ("extract_features", "model", "train")}
-    logger.log_hyperparams(flatten(used))
+    # the CPU-numerics pins in effect and what each library dispatches to (docs/reproducibility.md)
+    logger.log_hyperparams({**flatten(used), **describe()})
     return logger
