@@ -3,7 +3,8 @@ table (models/metrics/compare/*.json) and the evaluation plots.
 
 The model's test-split accuracy and calibration beside the baselines (kNN fingerprinting, ML on a
 log-distance law, ML on the kriged map the model itself inverts) and the physical limit (ML on the
-simulator's true map, the Cramér-Rao bound) on the same sessions. A stage of its own so that
+simulator's true map, the Cramér-Rao bound) on the same sessions, and the search regions (HPD
+regions of the model's and the oracle's grid posteriors, the Gaussian's ellipses). A stage of its own so that
 changing how the model is judged or drawn never retrains it (docs/model.md).
 """
 
