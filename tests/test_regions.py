@@ -132,3 +132,25 @@ def test_evaluate_search_regions(trained):
     for method in ("model_hpd", "gaussian_ellipse", "oracle_hpd"):
         assert float(at90[method]) == pytest.approx(sr[method]["p90"]["coverage"])
     assert (ckpt.parent / "plots/evaluate/search_regions.png").stat().st_size > 1000
+
+
+def test_grid_posterior_is_the_posterior_the_model_summarises(trained):
+    """model.grid_posterior's cell probabilities are the ones LocalizationNet.posterior summarises:
+    the point estimate is the posterior mean of the mode's neighbourhood, so it lies within the
+    mode radius of the most probable cell."""
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.data import load_features
+    from heimdall.model import estimate, grid_posterior
+
+    ckpt, features_path = trained
+    model, _ = load_checkpoint(ckpt)
+    features = load_features(features_path)
+    idx = features.indices("test")
+    prob = np.concatenate(list(grid_posterior(model, features.input_batches(idx, batch=16))))
+    assert prob.shape == (len(idx), model.grid_east_m.numel())
+    np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-9)
+    mode = prob.argmax(1)
+    mean, _ = estimate(model, features.input_batches(idx))
+    grid = model.grid_enu_m.double().numpy()
+    dist = np.linalg.norm(mean - grid[mode], axis=1)
+    assert (dist <= np.sqrt(float(model.mode_radius_m2)) + 1.0).all(), dist.max()

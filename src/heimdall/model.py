@@ -272,7 +272,11 @@ class LocalizationNet(nn.Module):
         """(B, G) unnormalised log posterior of every grid cell: the tempered likelihood cost plus
         the network's (scaled) Gaussian prior. ``softmax(dim=1)`` gives the cell probabilities
         (heimdall.regions turns them into highest-posterior-density search regions)."""
-        east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
+        return self._posterior_logits(cost, prior_mean, prior_cov, self.grid_east_m[None], self.grid_north_m[None])
+
+    def _posterior_logits(self, cost, prior_mean, prior_cov, east, north):
+        # east, north: the (1, G) planes, passed in so that posterior() traces them once (the ONNX
+        # export of posterior() is then byte-identical to the unfactored form)
         pc = prior_cov * self.prior_scale**2
         det = pc[:, 0, 0] * pc[:, 1, 1] - pc[:, 0, 1] * pc[:, 1, 0]
         de, dn = east - prior_mean[:, 0:1], north - prior_mean[:, 1:2]  # (B, G)
@@ -283,7 +287,7 @@ class LocalizationNet(nn.Module):
         """Posterior over the grid from the likelihood cost and the network's Gaussian prior:
         (mean (B, 2), covariance (B, 2, 2)) in ENU metres."""
         east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
-        logits = self.posterior_logits(cost, prior_mean, prior_cov)
+        logits = self._posterior_logits(cost, prior_mean, prior_cov, east, north)
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
         # would fall between them.
