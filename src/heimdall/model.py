@@ -268,15 +268,26 @@ class LocalizationNet(nn.Module):
         outside = F.relu(self.power_range_dbm[0] - power) + F.relu(power - self.power_range_dbm[1])
         return chi2 + (outside / 3.0) ** 2
 
-    def posterior(self, cost, prior_mean, prior_cov):
-        """Posterior over the grid from the likelihood cost and the network's Gaussian prior:
-        (mean (B, 2), covariance (B, 2, 2)) in ENU metres."""
-        east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
+    def posterior_logits(self, cost, prior_mean, prior_cov):
+        """(B, G) unnormalised log posterior of every grid cell: the tempered likelihood cost plus
+        the network's (scaled) Gaussian prior. ``softmax(dim=1)`` gives the cell probabilities
+        (heimdall.regions turns them into highest-posterior-density search regions)."""
+        return self._posterior_logits(cost, prior_mean, prior_cov, self.grid_east_m[None], self.grid_north_m[None])
+
+    def _posterior_logits(self, cost, prior_mean, prior_cov, east, north):
+        # east, north: the (1, G) planes, passed in so that posterior() traces them once (the ONNX
+        # export of posterior() is then byte-identical to the unfactored form)
         pc = prior_cov * self.prior_scale**2
         det = pc[:, 0, 0] * pc[:, 1, 1] - pc[:, 0, 1] * pc[:, 1, 0]
         de, dn = east - prior_mean[:, 0:1], north - prior_mean[:, 1:2]  # (B, G)
         maha = (de**2 * pc[:, 1, 1, None] - 2 * de * dn * pc[:, 0, 1, None] + dn**2 * pc[:, 0, 0, None]) / det[:, None]
-        logits = -0.5 * cost / self.likelihood_temperature - 0.5 * maha
+        return -0.5 * cost / self.likelihood_temperature - 0.5 * maha
+
+    def posterior(self, cost, prior_mean, prior_cov):
+        """Posterior over the grid from the likelihood cost and the network's Gaussian prior:
+        (mean (B, 2), covariance (B, 2, 2)) in ENU metres."""
+        east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
+        logits = self._posterior_logits(cost, prior_mean, prior_cov, east, north)
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
         # would fall between them.
@@ -308,6 +319,17 @@ class LocalizationNet(nn.Module):
         if self.has_map:
             mean, cov = self.refine(mean, cov, rss_dbm, present, receiver_id)
         return mean, cov
+
+
+@torch.no_grad()
+def grid_posterior(model: LocalizationNet, input_batches):
+    """Yield each batch's posterior cell probabilities (B, G) (float64 numpy, rows sum to 1) over
+    the model's map grid: the distribution ``model`` summarises as its Gaussian (needs a map)."""
+    model.eval()
+    for inputs in input_batches:
+        mean, cov = model.network_metric(*inputs)
+        cost = model.likelihood_cost(inputs[1], inputs[3], inputs[5])
+        yield torch.softmax(model.posterior_logits(cost, mean, cov).double(), dim=1).numpy()
 
 
 @torch.no_grad()

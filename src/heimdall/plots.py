@@ -81,6 +81,25 @@ def write_evaluation_plots(plots_dir: Path, mean, cov, target, receiver_enu_m, r
     return paths
 
 
+def write_search_region_plots(plots_dir: Path, levels, observed: dict[str, np.ndarray]) -> list[Path]:
+    """Reliability diagram of the search regions (heimdall.regions): observed coverage of the truth
+    vs the nominal level, per method (model HPD, Gaussian ellipse, oracle HPD where synthetic).
+    search_regions.csv for `dvc plots`, search_regions.png for people."""
+    plt = _pyplot()
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"nominal": float(p), "ideal": float(p), **{k: float(v[j]) for k, v in observed.items()}}
+            for j, p in enumerate(levels)]
+    write_csv(plots_dir / "search_regions.csv", rows)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([0, 1], [0, 1], "k--", label="ideal")
+    for k, v in observed.items():
+        ax.plot(levels, v, "o-", ms=3, label=k.replace("_", " "))
+    ax.set(xlabel="nominal level p", ylabel="fraction of truths inside the p region", xlim=(0, 1), ylim=(0, 1),
+           title="Search-region reliability, test split")
+    ax.legend(fontsize=8)
+    return [plots_dir / "search_regions.csv", save_figure(fig, plots_dir / "search_regions.png")]
+
+
 def _pyplot():
     import matplotlib
 

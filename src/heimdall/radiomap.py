@@ -173,6 +173,17 @@ def fit_log_distance(
 
 
 # ---- the common grid representation -------------------------------------------------------------
+def true_map_sigma_db(scenario, rss: np.ndarray, present: np.ndarray, pos: np.ndarray,
+                      snr: np.ndarray | None = None, min_snr_db: float | None = DEFAULT_FIT_MIN_SNR_DB) -> np.ndarray:
+    """(R,) fading scatter of (training) readings around the simulator's true map, each session's
+    TX power profiled out: the oracle's likelihood sigma."""
+    pos = np.asarray(pos, dtype=np.float64)
+    usable = usable_mask(present, snr, min_snr_db)
+    true_db = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], np.zeros(len(pos)))
+    _, residual = power_and_residual(np.asarray(rss, dtype=np.float64), true_db, usable)
+    return residual_sigma(residual, usable)
+
+
 @dataclass
 class RadioMapGrid:
     """Mean RSS of every receiver on a regular ENU grid, at 0 dBm TX power (RSS = P + mean_db).
@@ -269,11 +280,7 @@ class RadioMapGrid:
         if sigma_db is None:
             if rss is None or present is None or pos is None:
                 raise ValueError("from_scenario: give sigma_db or training rss, present and pos")
-            pos = np.asarray(pos, dtype=np.float64)
-            usable = usable_mask(present, snr, min_snr_db)
-            true_db = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], np.zeros(len(pos)))
-            _, residual = power_and_residual(np.asarray(rss, dtype=np.float64), true_db, usable)
-            sigma_db = residual_sigma(residual, usable)
+            sigma_db = true_map_sigma_db(scenario, rss, present, pos, snr, min_snr_db)
         sigma_db = np.broadcast_to(np.asarray(sigma_db, dtype=np.float64), (scenario.n_receivers,)).copy()
         if bounds is None:
             bounds = bounds_around(pos, margin_m) if pos is not None else tuple(scenario.area)

@@ -3,7 +3,8 @@ table (models/metrics/compare/*.json) and the evaluation plots.
 
 The model's test-split accuracy and calibration beside the baselines (kNN fingerprinting, ML on a
 log-distance law, ML on the kriged map the model itself inverts) and the physical limit (ML on the
-simulator's true map, the Cramér-Rao bound) on the same sessions. A stage of its own so that
+simulator's true map, the Cramér-Rao bound) on the same sessions, and the search regions (HPD
+regions of the model's and the oracle's grid posteriors, the Gaussian's ellipses). A stage of its own so that
 changing how the model is judged or drawn never retrains it (docs/model.md).
 """
 
@@ -14,20 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdall import baselines, tracking
+from heimdall import baselines, regions, tracking
 from heimdall.atomic import md5_file, write_json
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
-from heimdall.plots import write_evaluation_plots
-from heimdall.model import LocalizationNet, estimate
+from heimdall.plots import write_evaluation_plots, write_search_region_plots
+from heimdall.model import LocalizationNet, estimate, grid_posterior
 from heimdall.params import Params
-from heimdall.radiomap import RadioMapGrid
+from heimdall.radiomap import RadioMapGrid, true_map_sigma_db
 
 BASELINES = ("knn", "ml_logdistance", "kriged_map", "oracle")
 # The headline table `dvc metrics show` prints: one file per method, the same few columns each.
-COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5km", "coverage_2sigma")
+COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5km", "coverage_2sigma",
+                "coverage_hpd90", "area_hpd90_km2", "coverage_ellipse90", "area_ellipse90_km2")
 
 
 def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
@@ -39,6 +41,66 @@ def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
     return RadioMapGrid(east0_m=float(east.min()), north0_m=float(north.min()), spacing_m=spacing,
                         mean_db=model.map_mean_db.numpy().reshape(-1, n_north, n_east),
                         sigma_db=model.map_sigma_db.double().numpy())
+
+
+def _hpd(prob_batches, truth_cell: np.ndarray, cell_km2: float, levels) -> tuple[np.ndarray, np.ndarray]:
+    """HPD regions of posterior batches: (area_km2 (N, L), covered (N, L))."""
+    areas, covered, s = [], [], 0
+    for prob in prob_batches:
+        n_cells, cov = regions.hpd_regions(prob, truth_cell[s:s + len(prob)], levels)
+        areas.append(n_cells * cell_km2)
+        covered.append(cov)
+        s += len(prob)
+    return np.concatenate(areas), np.concatenate(covered)
+
+
+def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.ndarray, cov: np.ndarray,
+                   min_snr_db: float | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Search regions on sessions ``idx`` (heimdall.regions, docs/model.md "Search regions"):
+    the model's HPD regions on its map grid, the ellipses of its Gaussian summary (mean, cov), and
+    on synthetic data the oracle's HPD regions on the same grid cells. Returns (the test.json
+    section, {method: observed coverage at regions.RELIABILITY_LEVELS} for the reliability diagram).
+
+    Oracle posterior: the simulator's true mean map evaluated at the model's cell centres, the
+    fading sigma per receiver estimated from the training split (as the oracle baseline does),
+    the same TX-power profiling (heimdall.txpower), a flat prior and temperature 1 (uncalibrated).
+    """
+    levels = regions.RELIABILITY_LEVELS
+    head = [levels.index(p) for p in regions.LEVELS]
+    target = features.target_enu_m[idx]
+    area_m2, inside = regions.gaussian_regions(mean, cov, target, levels)
+    found = {"gaussian_ellipse": (area_m2 / 1e6, inside)}
+    section: dict = {"levels": list(regions.LEVELS)}
+    if not model.has_map:  # no grid: only the Gaussian's ellipses
+        return ({**section, "gaussian_ellipse": regions.summarise(area_m2[:, head] / 1e6, inside[:, head])},
+                {"gaussian_ellipse": inside.mean(0)})
+    grid = model_radio_map(model)
+    n_north, n_east = grid.mean_db.shape[1:]
+    cell_km2 = grid.spacing_m**2 / 1e6
+    truth = regions.grid_cell_index(target, grid.east0_m, grid.north0_m, grid.spacing_m, n_east, n_north)
+    found["model_hpd"] = _hpd(grid_posterior(model, features.input_batches(idx)), truth, cell_km2, levels)
+    if features.scenario_json() is not None:
+        from heimdall.params import ScenarioParams
+        from heimdall.simulator import Scenario
+
+        scenario = Scenario(ScenarioParams.model_validate_json(features.scenario_json()))
+        tr = features.indices("train")
+        sigma = true_map_sigma_db(scenario, features.rss_dbm[tr], features.present[tr], features.target_enu_m[tr],
+                                  features.snr_db[tr].astype(np.float64), min_snr_db)
+        east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
+        true_db = np.concatenate([scenario.mean_rss_dbm(east[i:i + 8192], north[i:i + 8192], np.zeros(len(east[i:i + 8192])))
+                                  for i in range(0, len(east), 8192)]).T  # (R, G)
+        found["oracle_hpd"] = _hpd(baselines.map_posterior(true_db, sigma, features.rss_dbm[idx], features.present[idx]),
+                                   truth, cell_km2, levels)
+    section = {**section, "cell_area_km2": cell_km2,
+               "frac_truth_outside_grid": float(np.mean(truth < 0)),
+               **{name: regions.summarise(a[:, head], c[:, head], regions.LEVELS) for name, (a, c) in found.items()}}
+    return section, {name: c.mean(0) for name, (_, c) in found.items()}
+
+
+def _p90(summary: dict, tag: str) -> dict[str, float]:
+    """A method's 90 % search region as compare-table columns: coverage_<tag>, area_<tag>_km2 (median)."""
+    return {f"coverage_{tag}": summary["p90"]["coverage"], f"area_{tag}_km2": summary["p90"]["median_area_km2"]}
 
 
 def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path, plots_dir: Path) -> dict:
@@ -67,18 +129,27 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
     test["baselines"] = {k: base[k] for k in BASELINES if k in base}
     if "crlb_rmse_m" in base:
         test["crlb_rmse_m"] = base["crlb_rmse_m"]
+    t = time.perf_counter()
+    test["search_regions"], reliability = search_regions(model, features, te, mean, cov, rm.min_snr_db)
+    timings["search_regions_s"] = time.perf_counter() - t
     bad = [k for k, v in tracking.flatten(test).items() if isinstance(v, float) and not np.isfinite(v)]
     if bad:
         raise HeimdallError(f"evaluation produced non-finite metrics ({', '.join(bad[:3])}); nothing written")
 
     write_json(metrics_dir / "test.json", test)
-    rows = {"model": test, "network_only": {**test["network_only"], "frac_within_5km": float(np.mean(
+    sr = test["search_regions"]
+    rows = {"model": {**test, **(_p90(sr["model_hpd"], "hpd90") if "model_hpd" in sr else {}),
+                      **_p90(sr["gaussian_ellipse"], "ellipse90")},
+            "network_only": {**test["network_only"], "frac_within_5km": float(np.mean(
         np.linalg.norm(net_mean - target, axis=1) < 5e3))}, **test["baselines"]}
+    if "oracle_hpd" in sr:
+        rows["oracle"] = {**rows["oracle"], **_p90(sr["oracle_hpd"], "hpd90")}
     for name, values in rows.items():
         write_json(metrics_dir / "compare" / f"{name}.json",
                    {k: round(float(values[k]), 4 if k.startswith(("frac", "coverage")) else 1)
                     for k in COMPARE_KEYS if k in values})
     pngs = write_evaluation_plots(plots_dir, mean, cov, target, features.receiver_enu_m, features.receiver_names, base_errors)
+    pngs += write_search_region_plots(plots_dir, regions.RELIABILITY_LEVELS, reliability)
 
     timings["wall_time_s"] = time.perf_counter() - t_start
     tracking.write_timings(metrics_dir / "test.json", timings)

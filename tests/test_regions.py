@@ -1,0 +1,156 @@
+"""Search regions (heimdall.regions) on posteriors with known answers, and the evaluate stage's
+search_regions section on the tiny campaign."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from heimdall import regions
+
+
+def two_mode_posterior() -> np.ndarray:
+    """100 cells: mode A (cells 0-9, 0.05 each = 0.5), mode B (cells 20-29, 0.04 each = 0.4), the
+    other 80 cells 0.1 / 80 each."""
+    p = np.full(100, 0.1 / 80)
+    p[0:10] = 0.05
+    p[20:30] = 0.04
+    return p
+
+
+def test_hpd_two_modes_known_sets():
+    prob = np.tile(two_mode_posterior(), (5, 1))
+    truth = np.array([5, 25, 50, -1, 9])
+    n_cells, covered = regions.hpd_regions(prob, truth, levels=(0.5, 0.9, 0.95), batch=2)
+    # 50 %: mode A exactly; 90 %: A and B; 95 %: needs 40 of the 80 tied background cells, so all
+    # 80 are admitted (membership depends on probability only)
+    assert n_cells.tolist() == [[10, 20, 100]] * 5
+    assert covered.tolist() == [[True, True, True], [False, True, True], [False, False, True],
+                                [False, False, False], [True, True, True]]
+    # shuffling the cells changes nothing
+    perm = np.random.default_rng(0).permutation(100)
+    inv = np.argsort(perm)
+    n2, c2 = regions.hpd_regions(prob[:, perm], inv[np.maximum(truth, 0)] * (truth >= 0) - (truth < 0),
+                                 levels=(0.5, 0.9, 0.95))
+    assert (n2 == n_cells).all() and (c2 == covered).all()
+
+
+def test_grid_cell_index():
+    # 3 x 4 grid (north rows x east columns), spacing 100 m, first cell centred at (1000, 2000)
+    target = np.array([[1000, 2000], [1349, 2000], [1351, 2000], [1300, 2149], [1300, 2151], [951, 2000],
+                       [1300, 2249], [1300, 2251]])
+    idx = regions.grid_cell_index(target, 1000.0, 2000.0, 100.0, n_east=4, n_north=3)
+    assert idx.tolist() == [0, 3, -1, 7, 11, 0, 11, -1]
+
+
+def test_gaussian_hpd_area_matches_ellipse():
+    """A Gaussian tabulated on a fine grid: its HPD regions are its ellipses, so their areas agree
+    with π·sqrt(det Σ)·(−2 ln(1 − p)) within the cells along the boundary."""
+    spacing = 0.25  # km
+    ax = np.arange(-40, 40 + 1e-9, spacing)
+    east, north = (v.ravel() for v in np.meshgrid(ax, ax))
+    cov = np.array([[25.0, 6.0], [6.0, 9.0]])  # km²
+    d = np.stack([east - 1.0, north + 2.0], 1)
+    m2 = np.einsum("gi,ij,gj->g", d, np.linalg.inv(cov), d)
+    prob = np.exp(-0.5 * m2)
+    prob /= prob.sum()
+    levels = regions.LEVELS
+    n_cells, _ = regions.hpd_regions(prob[None], np.array([0]), levels)
+    hpd_area = n_cells[0] * spacing**2
+    area, _ = regions.gaussian_regions(np.array([[1.0, -2.0]]), cov[None], np.array([[1.0, -2.0]]), levels)
+    expected = np.pi * np.sqrt(np.linalg.det(cov)) * -2 * np.log(1 - np.array(levels))
+    np.testing.assert_allclose(area[0], expected, rtol=1e-12)
+    # boundary band: perimeter (≤ 2π·longest semi-axis) × one cell
+    r = np.sqrt(np.linalg.eigvalsh(cov).max() * -2 * np.log(1 - np.array(levels)))
+    assert (np.abs(hpd_area - expected) <= 2 * np.pi * r * spacing).all(), (hpd_area, expected)
+    assert (np.abs(hpd_area / expected - 1) < 0.03).all()
+
+
+def test_coverage_of_truths_drawn_from_the_posterior_is_nominal():
+    """Self-consistency: truths drawn from each session's own (multi-modal) posterior fall in its
+    p-level HPD region with frequency ≈ p (slightly above: a region holds at least p)."""
+    rng = np.random.default_rng(1)
+    n, g = 3000, 400
+    x = np.arange(g)
+    prob = np.empty((n, g))
+    for i in range(n):
+        centres = rng.uniform(0, g, 3)
+        widths = rng.uniform(3, 30, 3)
+        w = rng.dirichlet(np.ones(3))
+        prob[i] = (w[:, None] * np.exp(-0.5 * ((x - centres[:, None]) / widths[:, None]) ** 2)).sum(0) + 1e-6
+    prob /= prob.sum(1, keepdims=True)
+    truth = np.array([rng.choice(g, p=p) for p in prob])
+    levels = regions.RELIABILITY_LEVELS
+    _, covered = regions.hpd_regions(prob, truth, levels)
+    observed = covered.mean(0)
+    tol = 3 * np.sqrt(np.array(levels) * (1 - np.array(levels)) / n) + 0.01
+    assert (np.abs(observed - np.array(levels)) <= tol).all(), dict(zip(levels, observed))
+    # the Gaussian ellipse is calibrated for truths drawn from the Gaussian
+    cov = np.array([[4.0, 1.0], [1.0, 2.0]])
+    pts = rng.multivariate_normal([0, 0], cov, size=20000)
+    _, inside = regions.gaussian_regions(np.zeros((20000, 2)), np.tile(cov, (20000, 1, 1)), pts, regions.LEVELS)
+    np.testing.assert_allclose(inside.mean(0), regions.LEVELS, atol=0.012)
+
+
+def test_evaluate_search_regions(trained):
+    """test.json's search_regions section, the compare rows and the reliability CSV on the tiny
+    campaign (one-epoch model): the oracle's posterior (the true map) needs less area than the
+    model's at 90 %."""
+    ckpt, _ = trained
+    metrics = ckpt.parent / "metrics"
+    test = json.loads((metrics / "test.json").read_text())
+    sr = test["search_regions"]
+    assert sr["levels"] == [0.5, 0.68, 0.9, 0.95]
+    keys = ["p50", "p68", "p90", "p95"]
+    for method in ("model_hpd", "gaussian_ellipse", "oracle_hpd"):
+        assert list(sr[method]) == keys
+        cov = [sr[method][k]["coverage"] for k in keys]
+        area = [sr[method][k]["median_area_km2"] for k in keys]
+        assert cov == sorted(cov) and area == sorted(area) and area[0] > 0, (method, sr[method])
+        if method != "gaussian_ellipse":  # HPD areas are whole cells
+            cells = np.array([sr[method][k]["mean_area_km2"] for k in keys]) * test["n_test"] / sr["cell_area_km2"]
+            np.testing.assert_allclose(cells, np.round(cells), atol=1e-6)
+    # an ellipse's area is π·sqrt(det Σ)·χ²₂(p): the levels' areas are in the ratio of the quantiles
+    q = -2 * np.log(1 - np.array(sr["levels"]))
+    ell = np.array([sr["gaussian_ellipse"][k]["mean_area_km2"] for k in keys])
+    np.testing.assert_allclose(ell / ell[0], q / q[0], rtol=1e-9)
+    assert sr["oracle_hpd"]["p90"]["median_area_km2"] < sr["model_hpd"]["p90"]["median_area_km2"]
+    model = json.loads((metrics / "compare/model.json").read_text())
+    oracle = json.loads((metrics / "compare/oracle.json").read_text())
+    assert model["coverage_hpd90"] == pytest.approx(sr["model_hpd"]["p90"]["coverage"], abs=1e-4)
+    assert model["area_ellipse90_km2"] == pytest.approx(sr["gaussian_ellipse"]["p90"]["median_area_km2"], abs=0.06)
+    assert oracle["area_hpd90_km2"] == pytest.approx(sr["oracle_hpd"]["p90"]["median_area_km2"], abs=0.06)
+    assert "coverage_ellipse90" not in oracle
+    with open(ckpt.parent / "plots/evaluate/search_regions.csv") as f:
+        rows = list(csv.DictReader(f))
+    nominal = [float(r["nominal"]) for r in rows]
+    assert nominal == list(regions.RELIABILITY_LEVELS)
+    at90 = rows[nominal.index(0.9)]
+    for method in ("model_hpd", "gaussian_ellipse", "oracle_hpd"):
+        assert float(at90[method]) == pytest.approx(sr[method]["p90"]["coverage"])
+    assert (ckpt.parent / "plots/evaluate/search_regions.png").stat().st_size > 1000
+
+
+def test_grid_posterior_is_the_posterior_the_model_summarises(trained):
+    """model.grid_posterior's cell probabilities are the ones LocalizationNet.posterior summarises:
+    the point estimate is the posterior mean of the mode's neighbourhood, so it lies within the
+    mode radius of the most probable cell."""
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.data import load_features
+    from heimdall.model import estimate, grid_posterior
+
+    ckpt, features_path = trained
+    model, _ = load_checkpoint(ckpt)
+    features = load_features(features_path)
+    idx = features.indices("test")
+    prob = np.concatenate(list(grid_posterior(model, features.input_batches(idx, batch=16))))
+    assert prob.shape == (len(idx), model.grid_east_m.numel())
+    np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-9)
+    mode = prob.argmax(1)
+    mean, _ = estimate(model, features.input_batches(idx))
+    grid = model.grid_enu_m.double().numpy()
+    dist = np.linalg.norm(mean - grid[mode], axis=1)
+    assert (dist <= np.sqrt(float(model.mode_radius_m2)) + 1.0).all(), dist.max()
