@@ -11,12 +11,14 @@ truth lies inside the region; calibrated when it equals p) and by area (km²):
 * the **Gaussian ellipse** (the shipped single-Gaussian summary): {Mahalanobis² ≤ −2 ln(1 − p)},
   area π·sqrt(det Σ)·(−2 ln(1 − p)) (the χ²₂ quantile of level p is −2 ln(1 − p)).
 
-numpy only; the HPD search sorts in batches so memory stays bounded (batch × cells floats).
+numpy only (and heimdall.evaluation's metrics); the HPD search sorts in batches so memory stays bounded (batch × cells floats).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from heimdall.evaluation import mahalanobis_sq
 
 LEVELS = (0.50, 0.68, 0.90, 0.95)
 # The reliability diagram's nominal levels (the headline LEVELS among them).
@@ -79,8 +81,7 @@ def hpd_regions(prob: np.ndarray, truth_cell: np.ndarray, levels=LEVELS, batch: 
 def gaussian_regions(mean: np.ndarray, cov: np.ndarray, target: np.ndarray, levels=LEVELS
                      ) -> tuple[np.ndarray, np.ndarray]:
     """p-level ellipses of Gaussians (mean (N, 2), cov (N, 2, 2)): ``(area_m2 (N, L), covered (N, L))``."""
-    d = np.asarray(target, dtype=np.float64) - mean
-    m2 = np.einsum("ni,nij,nj->n", d, np.linalg.inv(cov), d)
+    m2 = mahalanobis_sq(mean, cov, np.asarray(target, dtype=np.float64))
     r2 = chi2_2_quantile(levels)
     area = np.pi * np.sqrt(np.linalg.det(cov))[:, None] * r2[None, :]
     return area, m2[:, None] <= r2[None, :]
