@@ -154,3 +154,80 @@ def test_grid_posterior_is_the_posterior_the_model_summarises(trained):
     grid = model.grid_enu_m.double().numpy()
     dist = np.linalg.norm(mean - grid[mode], axis=1)
     assert (dist <= np.sqrt(float(model.mode_radius_m2)) + 1.0).all(), dist.max()
+
+
+def test_tempered_hpd_regions_match_hpd_regions():
+    """tempered_hpd_regions at τ is hpd_regions of softmax(logits / τ), for an array or batches."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (37, 200))
+    logits[0, :50] = -np.inf  # impossible cells
+    truth = rng.integers(-1, 200, 37)
+    temps = (0.5, 1.0, 2.0)
+    n_cells, covered = regions.tempered_hpd_regions(logits, truth, temps, regions.LEVELS, batch=8)
+    n_b, c_b = regions.tempered_hpd_regions((logits[s:s + 10] for s in range(0, 37, 10)), truth, temps)
+    assert (n_b == n_cells).all() and (c_b == covered).all()
+    for i, tau in enumerate(temps):
+        p = np.exp((logits - logits.max(1, keepdims=True)) / tau)
+        n_ref, c_ref = regions.hpd_regions(p / p.sum(1, keepdims=True), truth, regions.LEVELS)
+        assert (n_ref == n_cells[i]).all() and (c_ref == covered[i]).all(), tau
+
+
+def test_choose_region_temperature_recovers_a_known_temperature():
+    """Truths drawn from Gaussian posteriors whose logits were built twice too sharp (log density ×
+    2, i.e. variance / 2): the chosen region temperature is 2 and the coverage after it is nominal;
+    at τ = 1 the regions under-cover."""
+    rng = np.random.default_rng(3)
+    n, g = 2000, 300
+    x = np.arange(g)
+    centre = rng.uniform(100, 200, n)
+    sigma = rng.uniform(5, 20, n)
+    truth = np.rint(centre + sigma * rng.standard_normal(n)).astype(np.int64)
+    logits = 2 * (-0.5 * ((x - centre[:, None]) / sigma[:, None]) ** 2)
+    chosen = regions.choose_region_temperature(logits, truth)
+    assert chosen["temperature"] == 2.0, chosen["temperature"]
+    np.testing.assert_allclose(chosen["coverage"], regions.LEVELS, atol=0.03)
+    at1 = next(r for r in chosen["table"] if r["temperature"] == 1.0)
+    assert (np.array(at1["coverage"]) < np.array(regions.LEVELS) - 0.05).all(), at1
+    assert min(r["loss"] for r in chosen["table"]) == next(
+        r["loss"] for r in chosen["table"] if r["temperature"] == chosen["temperature"])
+    # the same problem built twice too wide: τ = 1/2
+    assert regions.choose_region_temperature(logits / 4, truth)["temperature"] == 0.5
+
+
+def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
+    """calibrate_regions (train stage) brings validation coverage at least as close to nominal as
+    τ = 1; the checkpoint, train.json and test.json carry the same τ; a checkpoint written before
+    the region temperature existed loads with τ = 1."""
+    import torch
+
+    from heimdall.calibration import calibrate_regions, model_grid_cells
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.data import load_features
+    from heimdall.model import grid_log_posterior
+
+    ckpt, features_path = trained
+    model, _ = load_checkpoint(ckpt)
+    features = load_features(features_path)
+    tau = float(model.region_temperature)
+    train = json.loads((ckpt.parent / "metrics/train.json").read_text())["calibration"]
+    test = json.loads((ckpt.parent / "metrics/test.json").read_text())["search_regions"]
+    assert train["region_temperature"] == tau == test["region_temperature"]["model_hpd"]
+    assert test["region_temperature"]["oracle_hpd"] in regions.REGION_TEMPERATURES
+
+    va = features.indices("val")
+    truth, _ = model_grid_cells(model, features.target_enu_m[va])
+    _, covered = regions.tempered_hpd_regions(grid_log_posterior(model, features.input_batches(va)), truth,
+                                              [1.0, tau], regions.LEVELS)
+    loss = ((covered.mean(1) - np.array(regions.LEVELS)) ** 2).sum(1)
+    assert loss[1] <= loss[0] + 1e-12, (tau, covered.mean(1))
+    np.testing.assert_allclose(covered[1].mean(0), [train["val_region_coverage"][regions.level_key(p)]
+                                                    for p in regions.LEVELS])
+    # recalibrating from τ = 1 chooses the same τ (the posterior it tempers does not depend on τ)
+    model.region_temperature.fill_(1.0)
+    assert calibrate_regions(model, features)["region_temperature"] == tau == float(model.region_temperature)
+
+    payload = torch.load(ckpt, weights_only=True)
+    del payload["state_dict"]["region_temperature"]
+    torch.save(payload, tmp_path / "old.ckpt")
+    old, _ = load_checkpoint(tmp_path / "old.ckpt")
+    assert float(old.region_temperature) == 1.0

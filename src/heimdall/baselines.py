@@ -142,21 +142,20 @@ def _refine(grid: RadioMapGrid, start_pos, y, w, spacing_m: float, half_width_ce
     return np.stack([east[rows, best], north[rows, best]], axis=1), power[rows, best], cost[rows, best]
 
 
-def map_posterior(map_db: np.ndarray, sigma_db: np.ndarray, rss: np.ndarray, present: np.ndarray, batch: int = 32):
-    """Yield the posterior cell probabilities (b, G) of ``batch`` sessions at a time on a radio map
-    tabulated at G cells (``map_db`` (R, G), 0 dBm TX power): Gaussian likelihood with per-receiver
-    ``sigma_db`` over every present reading, TX power profiled out (:func:`profile_tx_power`), a
-    flat prior over the cells, temperature 1 (no calibration). With the simulator's true map this is
-    the oracle's posterior: what the readings say when the map is known exactly."""
+def map_log_posterior(map_db: np.ndarray, sigma_db: np.ndarray, rss: np.ndarray, present: np.ndarray,
+                      batch: int = 32):
+    """Yield the posterior logits (b, G) (unnormalised log probabilities, temperature 1) of ``batch``
+    sessions at a time on a radio map tabulated at G cells (``map_db`` (R, G), 0 dBm TX power):
+    Gaussian likelihood with per-receiver ``sigma_db`` over every present reading, TX power profiled
+    out (:func:`profile_tx_power`), a flat prior over the cells. With the simulator's true map this
+    is the oracle's posterior: what the readings say when the map is known exactly."""
     map_db = np.asarray(map_db, dtype=np.float64)
     inv_var = 1.0 / np.square(np.asarray(sigma_db, dtype=np.float64))
     for s in range(0, len(rss), batch):
         weight = np.asarray(present[s:s + batch], dtype=np.float64) * inv_var  # (b, R)
         resid = np.asarray(rss[s:s + batch], dtype=np.float64)[:, :, None] - map_db  # (b, R, G)
         _, chi2 = profile_tx_power(np.where(weight[:, :, None] > 0, resid, 0.0), weight)
-        logits = -0.5 * chi2
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        yield p / p.sum(1, keepdims=True)
+        yield -0.5 * chi2
 
 
 # ---- k-nearest-neighbour fingerprinting ---------------------------------------------------------

@@ -1,5 +1,6 @@
 """Calibration of the likelihood refinement on the validation split: likelihood temperature and
-prior (network) width, then the two covariance weights (docs/model.md).
+prior (network) width, then the two covariance weights, then the search regions' temperature
+(docs/model.md).
 
 The radio map was fitted on the training sessions, so its residuals there are optimistic;
 validation sessions never touched the map or the network weights, so this is honest.
@@ -12,9 +13,10 @@ import math
 import numpy as np
 import torch
 
+from heimdall import regions
 from heimdall.data import FeatureSet
 from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq
-from heimdall.model import LocalizationNet, estimate
+from heimdall.model import LocalizationNet, estimate, grid_log_posterior
 
 # 1e6: the likelihood is effectively off (posterior = the network's Gaussian on the grid): lets the
 # validation split choose "trust the network" where the learned map is weak (real campus data).
@@ -100,3 +102,37 @@ def calibrate_refinement(model: LocalizationNet, features: FeatureSet) -> dict:
             "val_coverage_1sigma": final["coverage_1sigma"], "val_coverage_2sigma": final["coverage_2sigma"],
             "likelihood_temperature": best[1], "prior_scale": best[2],
             "cov_scale_local": a, "cov_scale_remote": b, "grid": table}
+
+
+def model_grid_cells(model: LocalizationNet, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """(flat index of each target's map-grid cell (-1: outside the grid), the cell area km²)."""
+    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
+    spacing = float(np.sqrt(12.0 * float(model.cell_var_m2)))
+    n_east = int(round((east.max() - east.min()) / spacing)) + 1
+    n_north = len(east) // n_east
+    cells = regions.grid_cell_index(target, float(east.min()), float(north.min()), spacing, n_east, n_north)
+    return cells, spacing**2 / 1e6
+
+
+@torch.no_grad()
+def calibrate_regions(model: LocalizationNet, features: FeatureSet) -> dict:
+    """Choose the model's region temperature τ on the validation split and store it in
+    ``model.region_temperature`` (regions.choose_region_temperature: HPD coverage closest to nominal
+    at regions.LEVELS, over regions.REGION_TEMPERATURES). Run after calibrate_refinement: the
+    posterior it tempers is the calibrated one. The point estimate and the Gaussian do not read τ.
+
+    Returns {"region_temperature", "val_region_coverage" {p50: ..}, "val_region_median_area_km2" {p50: ..}}
+    (a model without a map has no grid posterior: τ stays 1 and the dict is empty).
+    """
+    if not model.has_map:
+        return {}
+    va = features.indices("val")
+    truth, cell_km2 = model_grid_cells(model, features.target_enu_m[va])
+    chosen = regions.choose_region_temperature(grid_log_posterior(model, features.input_batches(va, 128)), truth,
+                                               regions.LEVELS, regions.REGION_TEMPERATURES)
+    model.region_temperature.fill_(chosen["temperature"])
+    keys = [regions.level_key(p) for p in regions.LEVELS]
+    return {"region_temperature": chosen["temperature"],
+            "val_region_coverage": dict(zip(keys, chosen["coverage"])),
+            "val_region_median_area_km2": {k: c * cell_km2 for k, c in zip(keys, chosen["median_cells"])},
+            "region_grid": chosen["table"]}

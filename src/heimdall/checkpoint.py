@@ -51,7 +51,9 @@ def load_checkpoint(path: str | Path) -> tuple[LocalizationNet, dict]:
     if payload.get("format_version") != CKPT_FORMAT_VERSION:
         raise HeimdallError(f"{path}: checkpoint format_version {payload.get('format_version')!r}; this heimdall "
                             f"reads {CKPT_FORMAT_VERSION} (retrain: dvc repro -f -s train)")
-    sd = payload["state_dict"]
+    sd = dict(payload["state_dict"])
+    # written before the region temperature existed (issue 18): τ = 1, the uncalibrated posterior
+    sd.setdefault("region_temperature", torch.tensor(1.0))
     config = ModelConfig(**payload["config"])
     norm = {k: sd[k] for k in FEATURE_NORMALIZATION_KEYS}
     norm["target_mean_m"] = sd["pos_mean"]

@@ -203,6 +203,10 @@ class LocalizationNet(nn.Module):
         self.register_buffer("prior_scale", torch.tensor(1.0))
         self.register_buffer("cov_scale_local", torch.tensor(1.0))
         self.register_buffer("cov_scale_remote", torch.tensor(1.0))
+        # Region temperature τ (calibration.calibrate_regions): search regions are the HPD regions of
+        # softmax(posterior_logits / τ) (grid_posterior). Used for the regions only: the point
+        # estimate and the Gaussian (forward, the ONNX graph) never read it.
+        self.register_buffer("region_temperature", torch.tensor(1.0))
 
     # -- the network ------------------------------------------------------------------------
     def network(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
@@ -322,14 +326,25 @@ class LocalizationNet(nn.Module):
 
 
 @torch.no_grad()
-def grid_posterior(model: LocalizationNet, input_batches):
-    """Yield each batch's posterior cell probabilities (B, G) (float64 numpy, rows sum to 1) over
-    the model's map grid: the distribution ``model`` summarises as its Gaussian (needs a map)."""
+def grid_log_posterior(model: LocalizationNet, input_batches):
+    """Yield each batch's posterior logits (B, G) (float64 numpy, unnormalised, untempered: region
+    temperature 1) over the model's map grid (needs a map)."""
     model.eval()
     for inputs in input_batches:
         mean, cov = model.network_metric(*inputs)
         cost = model.likelihood_cost(inputs[1], inputs[3], inputs[5])
-        yield torch.softmax(model.posterior_logits(cost, mean, cov).double(), dim=1).numpy()
+        yield model.posterior_logits(cost, mean, cov).double().numpy()
+
+
+@torch.no_grad()
+def grid_posterior(model: LocalizationNet, input_batches, region_temperature: float | None = None):
+    """Yield each batch's search-region cell probabilities (B, G) (float64 numpy, rows sum to 1)
+    over the model's map grid: softmax(posterior_logits / τ) with τ = ``region_temperature``
+    (default: the model's calibrated ``region_temperature`` buffer). With τ = 1 this is the
+    distribution ``model`` summarises as its Gaussian (needs a map)."""
+    tau = float(model.region_temperature) if region_temperature is None else float(region_temperature)
+    for logits in grid_log_posterior(model, input_batches):
+        yield torch.softmax(torch.from_numpy(logits) / tau, dim=1).numpy()
 
 
 @torch.no_grad()

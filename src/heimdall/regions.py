@@ -46,6 +46,20 @@ def grid_cell_index(target: np.ndarray, east0_m: float, north0_m: float, spacing
     return np.where(inside, row * n_east + col, -1)
 
 
+def _hpd_sorted(desc: np.ndarray, p_truth: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HPD regions from each row's probabilities sorted in descending order ``desc`` (b, G) (rows sum
+    to 1) and the truth cell's probability ``p_truth`` (b,) (-inf: outside the grid):
+    ``(n_cells (b, L), covered (b, L))``."""
+    cum = np.cumsum(desc, axis=1)
+    # k = fewest cells with cumulative mass >= level (rounding: never more than every cell)
+    k = np.stack([np.searchsorted(row, levels - 1e-12, side="left") + 1 for row in cum])
+    k = np.minimum(k, desc.shape[1])
+    # admit cells tied with the last one admitted (so membership depends on probability only)
+    last = np.take_along_axis(desc, k - 1, axis=1)  # (b, L)
+    k = np.stack([np.searchsorted(-row, -lst, side="right") for row, lst in zip(desc, last)])
+    return k, p_truth[:, None] >= last
+
+
 def hpd_regions(prob: np.ndarray, truth_cell: np.ndarray, levels=LEVELS, batch: int = 128
                 ) -> tuple[np.ndarray, np.ndarray]:
     """HPD regions of the posteriors ``prob`` (N, G) (rows sum to 1) at each of ``levels``.
@@ -62,20 +76,81 @@ def hpd_regions(prob: np.ndarray, truth_cell: np.ndarray, levels=LEVELS, batch: 
     for s in range(0, n, batch):
         p = np.asarray(prob[s:s + batch], dtype=np.float64)
         p = p / p.sum(1, keepdims=True)
-        desc = -np.sort(-p, axis=1)
-        cum = np.cumsum(desc, axis=1)
-        # k = fewest cells with cumulative mass >= level (rounding: never more than every cell)
-        k = np.stack([np.searchsorted(row, levels - 1e-12, side="left") + 1 for row in cum])
-        k = np.minimum(k, p.shape[1])
-        # admit cells tied with the last one admitted (so membership depends on probability only)
-        last = np.take_along_axis(desc, k - 1, axis=1)  # (b, L)
-        k = np.stack([np.searchsorted(-row, -lst, side="right") for row, lst in zip(desc, last)])
-        n_cells[s:s + batch] = k
         t = truth_cell[s:s + batch]
-        inside = t >= 0
-        p_truth = np.where(inside, p[np.arange(len(p)), np.maximum(t, 0)], -np.inf)
-        covered[s:s + batch] = inside[:, None] & (p_truth[:, None] >= last)
+        p_truth = np.where(t >= 0, p[np.arange(len(p)), np.maximum(t, 0)], -np.inf)
+        n_cells[s:s + batch], covered[s:s + batch] = _hpd_sorted(-np.sort(-p, axis=1), p_truth, levels)
     return n_cells, covered
+
+
+# ---- region temperature -------------------------------------------------------------------------
+# Candidates for the region temperature τ: region probabilities = softmax(logits / τ); τ > 1 widens
+# the regions, τ < 1 sharpens them. 25 values, a factor 2^(1/4) apart, 1.0 among them.
+REGION_TEMPERATURES = tuple(float(x) for x in np.round(np.geomspace(0.25, 16.0, 25), 4))
+
+
+def _logit_batches(logits, batch: int):
+    """An (N, G) array in row batches, or an iterable of (b, G) batches as it is."""
+    if isinstance(logits, np.ndarray):
+        return (logits[s:s + batch] for s in range(0, len(logits), batch))
+    return logits
+
+
+def tempered_hpd_regions(logits, truth_cell: np.ndarray, temperatures, levels=LEVELS, batch: int = 128
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """HPD regions of softmax(logits / τ) for each τ in ``temperatures``.
+
+    ``logits``: (N, G) unnormalised log posteriors (any constant per row; -inf allowed for
+    impossible cells), or an iterable of (b, G) batches of them (rows in ``truth_cell`` order), so
+    that N × G never needs to be in memory at once. Each batch is sorted once: the order of the
+    cells does not depend on τ. Returns ``(n_cells (T, N, L), covered (T, N, L))``; with
+    τ = 1 the same as :func:`hpd_regions` on softmax(logits).
+    """
+    temps = np.asarray(temperatures, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.float64)
+    truth_cell = np.asarray(truth_cell, dtype=np.int64)
+    n = len(truth_cell)
+    n_cells = np.empty((len(temps), n, len(levels)), dtype=np.int64)
+    covered = np.zeros((len(temps), n, len(levels)), dtype=bool)
+    s = 0
+    for lg in _logit_batches(logits, batch):
+        lg = np.asarray(lg, dtype=np.float64)
+        b = len(lg)
+        desc = -np.sort(-lg, axis=1)
+        top = desc[:, :1]
+        t = truth_cell[s:s + b]
+        l_truth = np.where(t >= 0, lg[np.arange(b), np.maximum(t, 0)], -np.inf)[:, None]
+        for i, tau in enumerate(temps):
+            p = np.exp((desc - top) / tau)
+            z = p.sum(1, keepdims=True)
+            p_truth = (np.exp((l_truth - top) / tau) / z)[:, 0]
+            n_cells[i, s:s + b], covered[i, s:s + b] = _hpd_sorted(p / z, p_truth, levels)
+        s += b
+    if s != n:
+        raise ValueError(f"logits have {s} rows, truth_cell {n}")
+    return n_cells, covered
+
+
+def choose_region_temperature(logits, truth_cell: np.ndarray, levels=LEVELS,
+                              candidates=REGION_TEMPERATURES, batch: int = 128) -> dict:
+    """The region temperature τ (one of ``candidates``) whose HPD regions' coverage on these sessions
+    (validation) is closest to nominal: least Σ over ``levels`` of (coverage − p)²; ties go to the
+    smaller median area of the 90 % region (the level nearest 0.9), then the smaller τ. ``logits`` as in
+    :func:`tempered_hpd_regions`; pure numpy, so the model and the oracle are calibrated alike.
+
+    Returns {"temperature", "coverage" (L,), "median_cells" (L,), "table": [{temperature, loss,
+    coverage, median_cells}] per candidate}.
+    """
+    levels = np.asarray(levels, dtype=np.float64)
+    n_cells, covered = tempered_hpd_regions(logits, truth_cell, candidates, levels, batch)
+    coverage = covered.mean(1)  # (T, L)
+    median = np.median(n_cells, axis=1)  # (T, L)
+    loss = np.round(((coverage - levels) ** 2).sum(1), 12)
+    at = int(np.argmin(np.abs(levels - 0.9)))  # tie-break level: 90 % (the nearest one given)
+    best = min(range(len(candidates)), key=lambda i: (loss[i], median[i, at], candidates[i]))
+    table = [{"temperature": float(c), "loss": float(loss[i]), "coverage": coverage[i].tolist(),
+              "median_cells": median[i].tolist()} for i, c in enumerate(candidates)]
+    return {"temperature": float(candidates[best]), "coverage": coverage[best].tolist(),
+            "median_cells": median[best].tolist(), "table": table}
 
 
 def gaussian_regions(mean: np.ndarray, cov: np.ndarray, target: np.ndarray, levels=LEVELS

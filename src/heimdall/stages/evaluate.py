@@ -17,12 +17,13 @@ import numpy as np
 
 from heimdall import baselines, regions, tracking
 from heimdall.atomic import md5_file, write_json
+from heimdall.calibration import model_grid_cells
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
 from heimdall.plots import write_evaluation_plots, write_search_region_plots
-from heimdall.model import LocalizationNet, estimate, grid_posterior
+from heimdall.model import LocalizationNet, estimate, grid_log_posterior
 from heimdall.params import Params
 from heimdall.radiomap import RadioMapGrid, true_map_sigma_db
 
@@ -43,27 +44,26 @@ def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
                         sigma_db=model.map_sigma_db.double().numpy())
 
 
-def _hpd(prob_batches, truth_cell: np.ndarray, cell_km2: float, levels) -> tuple[np.ndarray, np.ndarray]:
-    """HPD regions of posterior batches: (area_km2 (N, L), covered (N, L))."""
-    areas, covered, s = [], [], 0
-    for prob in prob_batches:
-        n_cells, cov = regions.hpd_regions(prob, truth_cell[s:s + len(prob)], levels)
-        areas.append(n_cells * cell_km2)
-        covered.append(cov)
-        s += len(prob)
-    return np.concatenate(areas), np.concatenate(covered)
+def _hpd(logit_batches, truth_cell: np.ndarray, temperature: float, cell_km2: float, levels
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """HPD regions of softmax(logits / temperature): (area_km2 (N, L), covered (N, L))."""
+    n_cells, covered = regions.tempered_hpd_regions(logit_batches, truth_cell, [temperature], levels)
+    return n_cells[0] * cell_km2, covered[0]
 
 
 def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.ndarray, cov: np.ndarray,
                    min_snr_db: float | None) -> tuple[dict, dict[str, np.ndarray]]:
     """Search regions on sessions ``idx`` (heimdall.regions, docs/model.md "Search regions"):
-    the model's HPD regions on its map grid, the ellipses of its Gaussian summary (mean, cov), and
-    on synthetic data the oracle's HPD regions on the same grid cells. Returns (the test.json
-    section, {method: observed coverage at regions.RELIABILITY_LEVELS} for the reliability diagram).
+    the model's HPD regions on its map grid at its calibrated region temperature, the ellipses of
+    its Gaussian summary (mean, cov), and on synthetic data the oracle's HPD regions on the same
+    grid cells. Returns (the test.json section, {method: observed coverage at
+    regions.RELIABILITY_LEVELS} for the reliability diagram).
 
     Oracle posterior: the simulator's true mean map evaluated at the model's cell centres, the
     fading sigma per receiver estimated from the training split (as the oracle baseline does),
-    the same TX-power profiling (heimdall.txpower), a flat prior and temperature 1 (uncalibrated).
+    the same TX-power profiling (heimdall.txpower), a flat prior; calibrated the same way as the
+    model: its region temperature is chosen on the validation split's oracle posteriors
+    (regions.choose_region_temperature) and applied to ``idx``.
     """
     levels = regions.RELIABILITY_LEVELS
     head = [levels.index(p) for p in regions.LEVELS]
@@ -74,11 +74,10 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
     if not model.has_map:  # no grid: only the Gaussian's ellipses
         return ({**section, "gaussian_ellipse": regions.summarise(area_m2[:, head] / 1e6, inside[:, head])},
                 {"gaussian_ellipse": inside.mean(0)})
-    grid = model_radio_map(model)
-    n_north, n_east = grid.mean_db.shape[1:]
-    cell_km2 = grid.spacing_m**2 / 1e6
-    truth = regions.grid_cell_index(target, grid.east0_m, grid.north0_m, grid.spacing_m, n_east, n_north)
-    found["model_hpd"] = _hpd(grid_posterior(model, features.input_batches(idx)), truth, cell_km2, levels)
+    truth, cell_km2 = model_grid_cells(model, target)
+    temperatures = {"model_hpd": float(model.region_temperature)}
+    found["model_hpd"] = _hpd(grid_log_posterior(model, features.input_batches(idx)), truth,
+                              temperatures["model_hpd"], cell_km2, levels)
     if features.scenario_json() is not None:
         from heimdall.params import ScenarioParams
         from heimdall.simulator import Scenario
@@ -90,10 +89,17 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
         east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
         true_db = np.concatenate([scenario.mean_rss_dbm(east[i:i + 8192], north[i:i + 8192], np.zeros(len(east[i:i + 8192])))
                                   for i in range(0, len(east), 8192)]).T  # (R, G)
-        found["oracle_hpd"] = _hpd(baselines.map_posterior(true_db, sigma, features.rss_dbm[idx], features.present[idx]),
-                                   truth, cell_km2, levels)
+
+        def oracle_logits(rows):
+            return baselines.map_log_posterior(true_db, sigma, features.rss_dbm[rows], features.present[rows])
+
+        va = features.indices("val")
+        val_truth, _ = model_grid_cells(model, features.target_enu_m[va])
+        temperatures["oracle_hpd"] = regions.choose_region_temperature(oracle_logits(va), val_truth)["temperature"]
+        found["oracle_hpd"] = _hpd(oracle_logits(idx), truth, temperatures["oracle_hpd"], cell_km2, levels)
     section = {**section, "cell_area_km2": cell_km2,
                "frac_truth_outside_grid": float(np.mean(truth < 0)),
+               "region_temperature": temperatures,
                **{name: regions.summarise(a[:, head], c[:, head], regions.LEVELS) for name, (a, c) in found.items()}}
     return section, {name: c.mean(0) for name, (_, c) in found.items()}
 

@@ -21,7 +21,7 @@ import torch
 
 from heimdall import tracking
 from heimdall.atomic import md5_file, write_json
-from heimdall.calibration import calibrate_refinement
+from heimdall.calibration import calibrate_refinement, calibrate_regions
 from heimdall.checkpoint import save_checkpoint
 from heimdall.data import FeatureSet, load_features
 from heimdall.errors import HeimdallError
@@ -109,6 +109,8 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
 
     t = time.perf_counter()
     calibration = calibrate_refinement(model, features)
+    # then the search regions' temperature on the calibrated posterior (point estimate unchanged)
+    calibration.update(calibrate_regions(model, features))
     timings["calibration_s"] = time.perf_counter() - t
     history = module.history
     best_epoch = min(history, key=lambda h: h["val_loss"]) if history else None
@@ -118,7 +120,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
         "best_val_loss": best_epoch["val_loss"] if best_epoch else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "final_val_loss": history[-1]["val_loss"] if history else None,
-        "calibration": {k: v for k, v in calibration.items() if k != "grid"},
+        "calibration": {k: v for k, v in calibration.items() if k not in ("grid", "region_grid")},
         "radio_map": {"cells": int(grid.mean_db.shape[1] * grid.mean_db.shape[2]),
                       "sigma_db": [float(s) for s in grid.sigma_db]},
     }
