@@ -204,7 +204,7 @@ def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, tar
         ax.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half), aspect="equal")
         ax.set_title(f"{j + 1}: test session #{int(session_ids[j])}", fontsize=9)
         ax.text(0.02, 0.98, "\n".join(info), transform=ax.transAxes, va="top", fontsize=7,
-                bbox=dict(fc="white", ec="0.7", alpha=0.85), zorder=7)
+                bbox={"fc": "white", "ec": "0.7", "alpha": 0.85}, zorder=7)
         ax.tick_params(labelsize=7)
     handles = [Patch(color=cmap(i), label=names[len(levels) - 1 - i]) for i in range(len(levels))] if layers is not None else []
     handles += [plt.Line2D([], [], c="tab:blue", lw=1.2, label=f"shipped Gaussian, {round(100 * levels[-1])} % ellipse"),
