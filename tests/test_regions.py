@@ -231,3 +231,88 @@ def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
     torch.save(payload, tmp_path / "old.ckpt")
     old, _ = load_checkpoint(tmp_path / "old.ckpt")
     assert float(old.region_temperature) == 1.0
+
+
+def test_hpd_membership_is_the_hpd_set():
+    """hpd_membership marks the cells hpd_regions counts (ties inside), and the truth's cell exactly
+    when hpd_regions says the truth is covered."""
+    rng = np.random.default_rng(4)
+    prob = np.vstack([two_mode_posterior(), rng.dirichlet(np.full(100, 0.3), 7)])
+    truth = rng.integers(-1, 100, len(prob))
+    levels = (0.5, 0.68, 0.9, 0.95)
+    member = regions.hpd_membership(prob, levels)
+    n_cells, covered = regions.hpd_regions(prob, truth, levels)
+    assert (member.sum(2) == n_cells).all()
+    inside = member[np.arange(len(prob)), :, np.maximum(truth, 0)] & (truth >= 0)[:, None]
+    assert (inside == covered).all()
+    assert member[0, 0].nonzero()[0].tolist() == list(range(10))  # mode A is the 50 % region
+    # each region is the most probable cells: every cell inside is at least as probable as any outside
+    for i in range(len(prob)):
+        for j in range(len(levels)):
+            assert prob[i][member[i, j]].min() > prob[i][~member[i, j]].max(initial=-1.0)
+
+
+def test_search_region_map_draws_the_hpd_cells(tmp_path):
+    """write_search_region_map writes the PNG, and the cells it fills are exactly the 50 % / 90 % HPD
+    regions (regions.hpd_membership / hpd_regions); deterministic bytes; no grid: ellipses only."""
+    from heimdall.plots import MAP_LEVELS, map_sessions, write_search_region_map
+
+    n_east, n_north, spacing = 30, 20, 1000.0
+    grid = (-15000.0, -10000.0, spacing, n_east, n_north)
+    ee, nn = np.meshgrid(grid[0] + np.arange(n_east) * spacing, grid[1] + np.arange(n_north) * spacing)
+    cells = np.stack([ee.ravel(), nn.ravel()], 1)
+    rng = np.random.default_rng(5)
+    k = 6
+    target = rng.uniform([-12000, -8000], [12000, 8000], (k, 2))
+    prob = np.empty((k, len(cells)))
+    for j in range(k):  # two modes: one at the truth, a weaker one elsewhere
+        other = rng.uniform([-12000, -8000], [12000, 8000])
+        d1 = ((cells - target[j]) ** 2).sum(1) / (2 * 2000.0**2)
+        d2 = ((cells - other) ** 2).sum(1) / (2 * 1500.0**2)
+        prob[j] = np.exp(-d1) + 0.5 * np.exp(-d2) + 1e-9
+    prob /= prob.sum(1, keepdims=True)
+    mean = target + rng.normal(0, 1000, (k, 2))
+    cov = np.tile(np.diag([4e6, 9e6]), (k, 1, 1))
+    rx = np.array([[-10000.0, 0, 0], [10000, 5000, 0], [0, -9000, 0]])
+    png, layers = write_search_region_map(tmp_path, prob, grid, np.arange(k), target, mean, cov, rx, ["a", "b", "c"])
+    assert png == tmp_path / "search_regions_map.png" and png.stat().st_size > 10_000
+    member = regions.hpd_membership(prob, MAP_LEVELS)
+    assert layers.shape == (k, n_north, n_east)
+    for i, _ in enumerate(MAP_LEVELS):  # layer value ≥ i + 1 <=> inside the (i+1)-th largest region
+        assert ((layers.reshape(k, -1) >= len(MAP_LEVELS) - i) == member[:, i]).all()
+    truth_cell = regions.grid_cell_index(target, grid[0], grid[1], spacing, n_east, n_north)
+    n_cells, covered = regions.hpd_regions(prob, truth_cell, MAP_LEVELS)
+    assert ((layers.reshape(k, -1)[:, None, :] >= np.array([2, 1])[None, :, None]).sum(2) == n_cells).all()
+    assert (layers.reshape(k, -1)[np.arange(k), truth_cell] >= 1).tolist() == covered[:, 1].tolist()
+    first = png.read_bytes()
+    write_search_region_map(tmp_path, prob, grid, np.arange(k), target, mean, cov, rx, ["a", "b", "c"])
+    assert png.read_bytes() == first
+    _, none = write_search_region_map(tmp_path / "nogrid", None, None, np.arange(2), target[:2], mean[:2], cov[:2],
+                                      rx, ["a", "b", "c"])
+    assert none is None and (tmp_path / "nogrid/search_regions_map.png").exists()
+    # the drawn sessions: fixed, distinct, within the split
+    assert map_sessions(900).tolist() == map_sessions(900).tolist() and len(set(map_sessions(900))) == 6
+    assert map_sessions(4).tolist() == [0, 1, 2, 3]
+
+
+def test_evaluate_draws_the_calibrated_regions_of_a_few_sessions(trained):
+    """The evaluate stage keeps the drawn sessions' calibrated probabilities from its one pass over
+    the posterior: they equal model.grid_posterior (τ = the model's region temperature) for those
+    sessions, and search_regions_map.png is written."""
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.data import load_features
+    from heimdall.model import estimate, grid_posterior
+    from heimdall.plots import map_sessions
+    from heimdall.stages.evaluate import search_regions
+
+    ckpt, features_path = trained
+    assert (ckpt.parent / "plots/evaluate/search_regions_map.png").stat().st_size > 10_000
+    model, _ = load_checkpoint(ckpt)
+    features = load_features(features_path)
+    te = features.indices("test")
+    mean, cov = estimate(model, features.input_batches(te))
+    shown, kept = map_sessions(len(te)), {}
+    search_regions(model, features, te, mean, cov, None, shown, kept)
+    assert sorted(kept) == shown.tolist()
+    expected = np.concatenate(list(grid_posterior(model, features.input_batches(te[shown]))))
+    np.testing.assert_allclose(np.stack([kept[int(r)] for r in shown]), expected, rtol=1e-9, atol=1e-15)

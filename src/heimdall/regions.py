@@ -82,6 +82,26 @@ def hpd_regions(prob: np.ndarray, truth_cell: np.ndarray, levels=LEVELS, batch: 
     return n_cells, covered
 
 
+
+def hpd_membership(prob: np.ndarray, levels=LEVELS) -> np.ndarray:
+    """(N, L, G) bool: whether each cell is in each row's p-level HPD region, for posteriors ``prob``
+    (N, G) (rows normalised here). The same sets :func:`hpd_regions` counts (ties with the last cell
+    admitted are inside), for drawing a few sessions' regions; N × L × G booleans, so keep N small."""
+    p = np.asarray(prob, dtype=np.float64)
+    p = p / p.sum(1, keepdims=True)
+    levels = np.asarray(levels, dtype=np.float64)
+    desc = -np.sort(-p, axis=1)
+    k, _ = _hpd_sorted(desc, np.full(len(p), -np.inf), levels)
+    last = np.take_along_axis(desc, k - 1, axis=1)  # (N, L): the least probable cell admitted
+    return p[:, None, :] >= last[:, :, None]
+
+
+def tempered_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / τ) per row, computed exactly as :func:`tempered_hpd_regions` does."""
+    lg = np.asarray(logits, dtype=np.float64)
+    p = np.exp((lg - lg.max(1, keepdims=True)) / float(temperature))
+    return p / p.sum(1, keepdims=True)
+
 # ---- region temperature -------------------------------------------------------------------------
 # Candidates for the region temperature τ: region probabilities = softmax(logits / τ); τ > 1 widens
 # the regions, τ < 1 sharpens them. 25 values, a factor 2^(1/4) apart, 1.0 among them.

@@ -22,7 +22,7 @@ from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
-from heimdall.plots import write_evaluation_plots, write_search_region_plots
+from heimdall.plots import map_sessions, write_evaluation_plots, write_search_region_map, write_search_region_plots
 from heimdall.model import LocalizationNet, estimate, grid_log_posterior
 from heimdall.params import Params
 from heimdall.radiomap import RadioMapGrid, true_map_sigma_db
@@ -33,13 +33,18 @@ COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5k
                 "coverage_hpd90", "area_hpd90_km2", "coverage_ellipse90", "area_ellipse90_km2")
 
 
-def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
-    """The learned map inside the model as a RadioMapGrid (what the kriged-map baseline scores)."""
+def model_grid(model: LocalizationNet) -> tuple[float, float, float, int, int]:
+    """The model's map grid: (east0_m, north0_m, spacing_m, n_east, n_north), cells row-major."""
     east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
     spacing = float(np.sqrt(12.0 * float(model.cell_var_m2)))
     n_east = int(round((east.max() - east.min()) / spacing)) + 1
-    n_north = len(east) // n_east
-    return RadioMapGrid(east0_m=float(east.min()), north0_m=float(north.min()), spacing_m=spacing,
+    return float(east.min()), float(north.min()), spacing, n_east, len(east) // n_east
+
+
+def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
+    """The learned map inside the model as a RadioMapGrid (what the kriged-map baseline scores)."""
+    east0, north0, spacing, n_east, n_north = model_grid(model)
+    return RadioMapGrid(east0_m=east0, north0_m=north0, spacing_m=spacing,
                         mean_db=model.map_mean_db.numpy().reshape(-1, n_north, n_east),
                         sigma_db=model.map_sigma_db.double().numpy())
 
@@ -51,13 +56,27 @@ def _hpd(logit_batches, truth_cell: np.ndarray, temperature: float, cell_km2: fl
     return n_cells[0] * cell_km2, covered[0]
 
 
+def _keeping_rows(batches, rows: np.ndarray, kept: dict):
+    """Yield ``batches`` (b, G) as they are, storing the rows at positions ``rows`` (over all
+    batches) in ``kept`` {position: row}: a few sessions' logits, without a second pass."""
+    s = 0
+    for lg in batches:
+        for r in rows[(rows >= s) & (rows < s + len(lg))]:
+            kept[int(r)] = np.array(lg[r - s])
+        s += len(lg)
+        yield lg
+
+
 def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.ndarray, cov: np.ndarray,
-                   min_snr_db: float | None) -> tuple[dict, dict[str, np.ndarray]]:
+                   min_snr_db: float | None, shown: np.ndarray | None = None,
+                   shown_prob: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Search regions on sessions ``idx`` (heimdall.regions, docs/model.md "Search regions"):
     the model's HPD regions on its map grid at its calibrated region temperature, the ellipses of
     its Gaussian summary (mean, cov), and on synthetic data the oracle's HPD regions on the same
     grid cells. Returns (the test.json section, {method: observed coverage at
-    regions.RELIABILITY_LEVELS} for the reliability diagram).
+    regions.RELIABILITY_LEVELS} for the reliability diagram). ``shown`` (positions in ``idx``):
+    sessions whose calibrated cell probabilities (G,) are stored in ``shown_prob`` {position: prob},
+    taken from the same pass over the posterior (for the search-region map).
 
     Oracle posterior: the simulator's true mean map evaluated at the model's cell centres, the
     fading sigma per receiver estimated from the training split (as the oracle baseline does),
@@ -76,8 +95,15 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
                 {"gaussian_ellipse": inside.mean(0)})
     truth, cell_km2 = model_grid_cells(model, target)
     temperatures = {"model_hpd": float(model.region_temperature)}
-    found["model_hpd"] = _hpd(grid_log_posterior(model, features.input_batches(idx)), truth,
-                              temperatures["model_hpd"], cell_km2, levels)
+    kept: dict[int, np.ndarray] = {}
+    logits = grid_log_posterior(model, features.input_batches(idx))
+    if shown is not None:
+        logits = _keeping_rows(logits, np.asarray(shown, dtype=np.int64), kept)
+    found["model_hpd"] = _hpd(logits, truth, temperatures["model_hpd"], cell_km2, levels)
+    if shown_prob is not None and kept:
+        rows = sorted(kept)
+        prob = regions.tempered_probabilities(np.stack([kept[r] for r in rows]), temperatures["model_hpd"])
+        shown_prob.update(zip(rows, prob))
     if features.scenario_json() is not None:
         from heimdall.params import ScenarioParams
         from heimdall.simulator import Scenario
@@ -136,7 +162,9 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
     if "crlb_rmse_m" in base:
         test["crlb_rmse_m"] = base["crlb_rmse_m"]
     t = time.perf_counter()
-    test["search_regions"], reliability = search_regions(model, features, te, mean, cov, rm.min_snr_db)
+    shown, shown_prob = map_sessions(len(te)), {}
+    test["search_regions"], reliability = search_regions(model, features, te, mean, cov, rm.min_snr_db,
+                                                         shown, shown_prob)
     timings["search_regions_s"] = time.perf_counter() - t
     bad = [k for k, v in tracking.flatten(test).items() if isinstance(v, float) and not np.isfinite(v)]
     if bad:
@@ -156,6 +184,10 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
                     for k in COMPARE_KEYS if k in values})
     pngs = write_evaluation_plots(plots_dir, mean, cov, target, features.receiver_enu_m, features.receiver_names, base_errors)
     pngs += write_search_region_plots(plots_dir, regions.RELIABILITY_LEVELS, reliability)
+    prob = np.stack([shown_prob[int(r)] for r in shown]) if shown_prob else None
+    pngs.append(write_search_region_map(
+        plots_dir, prob, model_grid(model) if prob is not None else None, shown, target[shown], mean[shown],
+        cov[shown], features.receiver_enu_m, features.receiver_names)[0])
 
     timings["wall_time_s"] = time.perf_counter() - t_start
     tracking.write_timings(metrics_dir / "test.json", timings)
