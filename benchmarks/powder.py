@@ -154,7 +154,12 @@ SPLIT_COLUMNS = (("model mean m", lambda t: t["mean_error_m"]), ("model median m
                  ("kriged mean m", lambda t: t["baselines"]["kriged_map"]["mean_error_m"]),
                  ("log-dist. mean m", lambda t: t["baselines"]["ml_logdistance"]["mean_error_m"]),
                  ("model vs kNN %", lambda t: 100 * (1 - t["mean_error_m"] / t["baselines"]["knn"]["mean_error_m"])),
-                 ("1σ cov.", lambda t: t["coverage_1sigma"]), ("2σ cov.", lambda t: t["coverage_2sigma"]))
+                 ("1σ cov.", lambda t: t["coverage_1sigma"]), ("2σ cov.", lambda t: t["coverage_2sigma"]),
+                 # the calibrated search regions (docs/model.md): coverage at 50 / 68 / 90 / 95 %, 90 % median area
+                 *((f"HPD {k[1:]} % cov.", lambda t, k=k: t["search_regions"]["model_hpd"][k]["coverage"])
+                   for k in ("p50", "p68", "p90", "p95")),
+                 ("HPD 90 % median km²", lambda t: t["search_regions"]["model_hpd"]["p90"]["median_area_km2"]),
+                 ("ellipse 90 % cov.", lambda t: t["search_regions"]["gaussian_ellipse"]["p90"]["coverage"]))
 
 
 def split_table(splits: dict[int, dict]) -> str:

@@ -48,13 +48,25 @@ def test_named_outputs_dynamic_batch_match_torch(exported, trained, batch):
     model, _ = load_checkpoint(trained[0])
     fs = load_features(trained[1])
     inputs = fs.model_inputs(fs.indices("test")[:batch])
-    pos, cov, latlon = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+    pos, cov, latlon, prob, weight, mode, mode_cov, mode_latlon = session.run(
+        None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+    g = model.grid_east_m.numel()
     assert pos.shape == (batch, 2) and cov.shape == (batch, 2, 2) and latlon.shape == (batch, 2)
+    assert prob.shape == (batch, g) and weight.shape == (batch, 4) and mode.shape == (batch, 4, 2)
+    assert mode_cov.shape == (batch, 4, 2, 2) and mode_latlon.shape == (batch, 4, 2)
     assert pos.dtype == np.float32 and cov.dtype == np.float32 and latlon.dtype == np.float64
+    assert prob.dtype == np.float32 and mode_latlon.dtype == np.float64
     with torch.no_grad():
         ref_pos, ref_cov = (t.numpy() for t in model(*inputs))
+        ref = [t.numpy() for t in model.locate(*inputs)]
     assert np.abs(pos - ref_pos).max() < 0.1  # metres
     assert (np.abs(cov - ref_cov).max((1, 2)) / np.abs(ref_cov).max((1, 2))).max() < 1e-4
+    np.testing.assert_allclose(prob.sum(1), 1.0, atol=1e-5)
+    assert np.abs(prob - ref[2]).max() < 1e-6 and np.abs(weight - ref[3]).max() < 1e-5
+    assert np.abs(mode - ref[4]).max() < 0.1
+    assert (np.diff(weight, axis=1) <= 0).all() and (weight.sum(1) <= 1 + 1e-5).all()
+    # forward's point estimate and locate's are the same numbers (one posterior, two summaries)
+    np.testing.assert_array_equal(ref[0], ref_pos)
 
 
 def test_metadata(exported, trained):
@@ -75,6 +87,16 @@ def test_metadata(exported, trained):
     assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
     assert [o["name"] for o in meta["outputs"]] == list(OUTPUT_NAMES)
     assert all(d["unit"] and d["description"] for d in meta["inputs"] + meta["outputs"])
+    # the grid and the region masses: enough to turn cell_probability into the calibrated regions
+    model, _ = load_checkpoint(trained[0])
+    grid = meta["grid"]
+    assert grid["n_east"] * grid["n_north"] == model.grid_east_m.numel()
+    col, row = np.arange(model.grid_east_m.numel()) % grid["n_east"], np.arange(model.grid_east_m.numel()) // grid["n_east"]
+    np.testing.assert_allclose(grid["east0_m"] + col * grid["spacing_m"], model.grid_east_m.numpy(), atol=0.5)
+    np.testing.assert_allclose(grid["north0_m"] + row * grid["spacing_m"], model.grid_north_m.numpy(), atol=0.5)
+    assert meta["regions"]["levels"] == [0.5, 0.68, 0.9, 0.95]
+    np.testing.assert_allclose(meta["regions"]["mass"], model.region_mass.numpy()[model.region_columns], rtol=1e-7)
+    assert meta["regions"]["temperature"] == pytest.approx(float(model.region_temperature))
     # no machine-specific paths (the exporter records stack traces with absolute source paths)
     blob = path.read_bytes()
     for needle in (str(path.parent), str(trained[0].parent), "/home/", "/root/", "/tmp/", ".py\""):
@@ -128,10 +150,14 @@ def test_latlon_output_matches_heimdall_geo(exported, trained):
     session, meta = load_onnx_session(path)
     fs = load_features(trained[1])
     inputs = fs.model_inputs(fs.indices("test"))
-    pos, _, latlon = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+    out = dict(zip(OUTPUT_NAMES, session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})))
+    pos, latlon = out["position_enu_m"], out["position_latlon"]
     origin = fs.origin
     ref = ground_latlon(pos[:, 0], pos[:, 1], origin)
     assert np.abs(latlon - ref).max() < 1e-7
+    mode = out["mode_enu_m"].reshape(-1, 2)
+    ref = ground_latlon(mode[:, 0], mode[:, 1], origin)
+    assert np.abs(out["mode_latlon"].reshape(-1, 2) - ref).max() < 1e-7
     # and the other way round: geo's forward transform of the graph's lat/lon (at h = 0) is its ENU output
     e, n, _ = geo.geodetic_to_enu(latlon[:, 0], latlon[:, 1], np.zeros(len(latlon)), origin)
     assert np.abs(np.stack([e, n], 1) - pos.astype(np.float64)).max() < 1e-6

@@ -157,3 +157,79 @@ def test_tiny_fit_reduces_loss_and_is_deterministic():
     assert losses[-1] < losses[0] - 0.5
     _, sd2 = train(0)
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def _modes_reference(prob: np.ndarray, n_north: int, n_east: int, east: np.ndarray, north: np.ndarray,
+                     cell_var: float, w: int, k: int):
+    """posterior_modes' definition written out cell by cell (float64, whole grid, no windows)."""
+    img = prob.reshape(n_north, n_east)
+    rows, cols = np.divmod(np.arange(prob.size), n_east)
+    peaks = [g for g in range(prob.size) if prob[g] > 0 and prob[g] >= img[max(rows[g] - w, 0):rows[g] + w + 1,
+                                                                          max(cols[g] - w, 0):cols[g] + w + 1].max()]
+    peaks = sorted(peaks, key=lambda g: (-prob[g], g))[:k]
+    d2 = np.array([(rows - rows[p]) ** 2 + (cols - cols[p]) ** 2 for p in peaks])  # (P, G)
+    owner = d2.argmin(0)
+    out = []
+    for j, p in enumerate(peaks):
+        part = prob * ((owner == j) & (d2[j] <= w * w))
+        wt = part.sum()
+        me, mn = (part * east).sum() / wt, (part * north).sum() / wt
+        de, dn = east - me, north - mn
+        cov = np.array([[(part * de * de).sum() / wt + cell_var, (part * de * dn).sum() / wt],
+                        [(part * de * dn).sum() / wt, (part * dn * dn).sum() / wt + cell_var]])
+        out.append((wt, np.array([me, mn]), cov))
+    return sorted(out, key=lambda o: -o[0])
+
+
+def test_posterior_modes_match_their_definition_and_find_two_blobs():
+    """Two Gaussian blobs (70 % / 30 % of the mass, 1 cell wide) and faint noise: the two heaviest
+    modes are the blobs (weights ≈ 0.7 / 0.3, means at their centres, covariance ≈ blob variance +
+    cell variance), and every output equals the cell-by-cell definition (_modes_reference)."""
+    from heimdall.model import MODE_SEPARATION_CELLS
+
+    model = _model()
+    n_north, n_east = model.grid_shape
+    assert (n_north, n_east) == (21, 25)
+    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
+    spacing = 5000.0
+    centres = [(-30e3, 20e3), (35e3, -25e3)]  # cell centres
+    prob = np.zeros(east.size)
+    for (ce, cn), mass in zip(centres, (0.7, 0.3)):
+        blob = np.exp(-0.5 * ((east - ce) ** 2 + (north - cn) ** 2) / spacing**2)
+        prob += mass * blob / blob.sum()
+    rng = np.random.default_rng(0)
+    prob += 1e-6 * rng.random(prob.size)
+    prob /= prob.sum()
+    weight, mean, cov = (t.double().numpy()[0] for t in model.posterior_modes(torch.tensor(prob[None], dtype=torch.float32)))
+    assert weight[0] == pytest.approx(0.7, abs=0.01) and weight[1] == pytest.approx(0.3, abs=0.01)
+    np.testing.assert_allclose(mean[:2], centres, atol=50.0)
+    var = spacing**2 + spacing**2 / 12  # blob variance + the cell's own
+    np.testing.assert_allclose(cov[0], np.diag([var, var]), rtol=0.05, atol=0.01 * var)
+    assert (np.diff(weight) <= 0).all() and weight.sum() <= 1 + 1e-6
+    ref = _modes_reference(prob, n_north, n_east, east, north, spacing**2 / 12, MODE_SEPARATION_CELLS, 4)
+    assert len(ref) == 4  # the noise leaves local maxima too
+    np.testing.assert_allclose(weight, [r[0] for r in ref], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(mean, [r[1] for r in ref], rtol=0, atol=1.0)
+    np.testing.assert_allclose(cov, [r[2] for r in ref], rtol=1e-4, atol=1e3)
+
+
+def test_posterior_modes_leave_unused_slots_empty():
+    """One peak only (a single blob, no noise): one mode holding the blob's mass within the mode
+    radius, the other slots weigh exactly 0. A flat posterior (one plateau) has one mode, at the
+    plateau's first cell, whatever the runtime's TopK does with ties. A batch answers each row alone."""
+    model = _model()
+    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
+    blob = np.exp(-0.5 * ((east - 10e3) ** 2 + (north - 5e3) ** 2) / 8e3**2)
+    flat = np.full(east.size, 1.0)
+    flat[0] = 2.0  # one strict maximum in a corner
+    plateau = np.full(east.size, 1.0 / east.size)
+    prob = torch.tensor(np.stack([blob / blob.sum(), flat / flat.sum(), plateau]), dtype=torch.float32)
+    weight, mean, _ = model.posterior_modes(prob)
+    assert (weight[:, 1:] == 0).all(), weight
+    n_disc = sum(1 for r in range(6) for c in range(6) if r * r + c * c <= 25)  # the quarter disc at a corner
+    assert weight[2, 0] == pytest.approx(n_disc / east.size, rel=1e-5)
+    np.testing.assert_allclose(mean[2, 1:].numpy(), np.tile([east[0], north[0]], (3, 1)))  # unused: the first cell
+    assert weight[0, 0] == pytest.approx(0.99, abs=0.01)
+    np.testing.assert_allclose(mean[0, 0].numpy(), [10e3, 5e3], atol=300.0)
+    single = model.posterior_modes(prob[1:2])[0]
+    np.testing.assert_allclose(single.numpy(), weight[1:2].numpy(), rtol=1e-6)

@@ -124,6 +124,10 @@ def test_evaluate_search_regions(trained):
     assert model["area_ellipse90_km2"] == pytest.approx(sr["gaussian_ellipse"]["p90"]["median_area_km2"], abs=0.06)
     assert oracle["area_hpd90_km2"] == pytest.approx(sr["oracle_hpd"]["p90"]["median_area_km2"], abs=0.06)
     assert "coverage_ellipse90" not in oracle
+    modes = sr["modes"]
+    assert 0 <= modes["frac_top_mode_within_5km"] <= modes["frac_any_mode_within_5km"] <= 1
+    assert 1 <= modes["mean_modes_over_1pct"] <= 4 and 0 < modes["mean_top_weight"] <= 1
+    assert model["frac_top_mode_within_5km"] == pytest.approx(modes["frac_top_mode_within_5km"], abs=1e-4)
     with open(ckpt.parent / "plots/evaluate/search_regions.csv") as f:
         rows = list(csv.DictReader(f))
     nominal = [float(r["nominal"]) for r in rows]
@@ -195,9 +199,10 @@ def test_choose_region_temperature_recovers_a_known_temperature():
 
 
 def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
-    """calibrate_regions (train stage) brings validation coverage at least as close to nominal as
-    τ = 1; the checkpoint, train.json and test.json carry the same τ; a checkpoint written before
-    the region temperature existed loads with τ = 1."""
+    """calibrate_regions (train stage) chooses a τ whose validation coverage is at least as close to
+    nominal as τ = 1's, then region masses whose validation coverage is at least nominal at every
+    level (conformal); the checkpoint, train.json and test.json carry the same τ and masses; a
+    checkpoint written before either existed loads with τ = 1 and mass = level."""
     import torch
 
     from heimdall.calibration import calibrate_regions, model_grid_cells
@@ -211,8 +216,13 @@ def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
     tau = float(model.region_temperature)
     train = json.loads((ckpt.parent / "metrics/train.json").read_text())["calibration"]
     test = json.loads((ckpt.parent / "metrics/test.json").read_text())["search_regions"]
-    assert train["region_temperature"] == tau == test["region_temperature"]["model_hpd"]
-    assert test["region_temperature"]["oracle_hpd"] in regions.REGION_TEMPERATURES
+    cal = test["calibration"]
+    assert train["region_temperature"] == tau == cal["model_hpd"]["temperature"]
+    assert cal["oracle_hpd"]["temperature"] in regions.REGION_TEMPERATURES
+    mass = model.region_mass.double().numpy()[model.region_columns]
+    np.testing.assert_allclose(mass, [train["region_mass"][regions.level_key(p)] for p in regions.LEVELS], atol=1e-7)
+    np.testing.assert_allclose(cal["model_hpd"]["mass"], mass, atol=1e-6)
+    assert (np.diff(model.region_mass.numpy()) >= 0).all()  # nested regions
 
     va = features.indices("val")
     truth, _ = model_grid_cells(model, features.target_enu_m[va])
@@ -220,17 +230,25 @@ def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
                                               [1.0, tau], regions.LEVELS)
     loss = ((covered.mean(1) - np.array(regions.LEVELS)) ** 2).sum(1)
     assert loss[1] <= loss[0] + 1e-12, (tau, covered.mean(1))
-    np.testing.assert_allclose(covered[1].mean(0), [train["val_region_coverage"][regions.level_key(p)]
+    np.testing.assert_allclose(covered[1].mean(0), [train["val_region_coverage_temperature_only"][regions.level_key(p)]
                                                     for p in regions.LEVELS])
+    # with the masses: at least nominal on validation, by less than one session plus ties
+    _, covered = regions.tempered_hpd_regions(grid_log_posterior(model, features.input_batches(va)), truth,
+                                              [tau], model.region_mass.double().numpy())
+    cov = covered[0].mean(0)
+    assert (cov >= np.array(regions.RELIABILITY_LEVELS) - 1e-9).all(), cov
+    all_mass, nominal = model.region_mass.numpy(), np.array(regions.RELIABILITY_LEVELS)
+    assert (cov[all_mass < 1.0 - 1e-6] <= nominal[all_mass < 1.0 - 1e-6] + 2.5 / len(va)).all(), cov
     # recalibrating from τ = 1 chooses the same τ (the posterior it tempers does not depend on τ)
     model.region_temperature.fill_(1.0)
     assert calibrate_regions(model, features)["region_temperature"] == tau == float(model.region_temperature)
 
     payload = torch.load(ckpt, weights_only=True)
-    del payload["state_dict"]["region_temperature"]
+    del payload["state_dict"]["region_temperature"], payload["state_dict"]["region_mass"]
     torch.save(payload, tmp_path / "old.ckpt")
     old, _ = load_checkpoint(tmp_path / "old.ckpt")
     assert float(old.region_temperature) == 1.0
+    np.testing.assert_allclose(old.region_mass.numpy(), regions.RELIABILITY_LEVELS)
 
 
 def test_hpd_membership_is_the_hpd_set():
@@ -296,9 +314,9 @@ def test_search_region_map_draws_the_hpd_cells(tmp_path):
 
 
 def test_evaluate_draws_the_calibrated_regions_of_a_few_sessions(trained):
-    """The evaluate stage keeps the drawn sessions' calibrated probabilities from its one pass over
-    the posterior: they equal model.grid_posterior (τ = the model's region temperature) for those
-    sessions, and search_regions_map.png is written."""
+    """The evaluate stage keeps the drawn sessions' calibrated probabilities and modes from its one
+    pass over the posterior: they equal model.grid_posterior (τ = the model's region temperature)
+    for those sessions, and search_regions_map.png is written."""
     from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
     from heimdall.model import estimate, grid_posterior
@@ -311,8 +329,43 @@ def test_evaluate_draws_the_calibrated_regions_of_a_few_sessions(trained):
     features = load_features(features_path)
     te = features.indices("test")
     mean, cov = estimate(model, features.input_batches(te))
-    shown, kept = map_sessions(len(te)), {}
-    search_regions(model, features, te, mean, cov, None, shown, kept)
+    shown = map_sessions(len(te))
+    _, _, drawn = search_regions(model, features, te, mean, cov, None, shown)
+    kept = drawn["probabilities"]
     assert sorted(kept) == shown.tolist()
     expected = np.concatenate(list(grid_posterior(model, features.input_batches(te[shown]))))
-    np.testing.assert_allclose(np.stack([kept[int(r)] for r in shown]), expected, rtol=1e-9, atol=1e-15)
+    # model.locate's float32 softmax vs grid_posterior's float64 one
+    np.testing.assert_allclose(np.stack([kept[int(r)] for r in shown]), expected, rtol=2e-4, atol=1e-9)
+    weight, mode_mean = drawn["modes"]
+    assert weight.shape == (len(te), 4) and mode_mean.shape == (len(te), 4, 2)
+
+
+def test_conformal_masses_calibrate_every_level_where_one_temperature_cannot():
+    """Posteriors of the right width but, for 40 % of sessions, with a second, wrong mode 3× as
+    probable as the right one (a mis-specified mixture): no single τ is calibrated at every level
+    (best loss 0.0145: 0.47 / 0.76 / 0.97 / 0.99), while the conformal masses chosen on one half of the
+    sessions cover each level on the other half within ±0.03; masses increase with the level."""
+    rng = np.random.default_rng(5)
+    n, g = 4000, 400
+    x = np.arange(g)
+    centre = rng.uniform(80, 320, n)
+    decoy = np.where(rng.random(n) < 0.4, centre + rng.choice([-60, 60], n), np.nan)
+    truth = np.rint(centre + 6 * rng.standard_normal(n)).astype(np.int64)
+    dens = np.exp(-0.5 * ((x - centre[:, None]) / 6) ** 2)
+    dens += 3.0 * np.nan_to_num(np.exp(-0.5 * ((x - decoy[:, None]) / 6) ** 2))
+    logits = np.log(dens + 1e-300)
+    cal, held = slice(0, n // 2), slice(n // 2, n)
+    chosen = regions.choose_region_temperature(logits[cal], truth[cal])
+    assert min(r["loss"] for r in chosen["table"]) > 0.01, chosen["coverage"]
+    levels = np.array(regions.LEVELS)
+    mass = regions.conformal_masses(logits[cal], truth[cal], chosen["temperature"], levels)
+    assert (np.diff(mass) > 0).all() and (mass <= 1).all()
+    _, covered = regions.tempered_hpd_regions(logits[held], truth[held], [chosen["temperature"]], mass)
+    np.testing.assert_allclose(covered[0].mean(0), levels, atol=0.03)
+    # on the calibration half itself: at least nominal, by less than 1/n (plus ties)
+    _, covered = regions.tempered_hpd_regions(logits[cal], truth[cal], [chosen["temperature"]], mass)
+    assert (covered[0].mean(0) >= levels).all() and (covered[0].mean(0) <= levels + 2 / (n // 2)).all()
+    # truths outside the grid are never covered: with half of them outside, levels above 50 % need the whole grid
+    outside = truth.copy()
+    outside[::2] = -1
+    assert regions.conformal_masses(logits, outside, 1.0, [0.9])[0] == 1.0

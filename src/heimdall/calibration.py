@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from heimdall import regions
+from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import FeatureSet
 from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq
 from heimdall.model import LocalizationNet, estimate, grid_log_posterior
@@ -116,13 +117,16 @@ def model_grid_cells(model: LocalizationNet, target: np.ndarray) -> tuple[np.nda
 
 @torch.no_grad()
 def calibrate_regions(model: LocalizationNet, features: FeatureSet) -> dict:
-    """Choose the model's region temperature τ on the validation split and store it in
-    ``model.region_temperature`` (regions.choose_region_temperature: HPD coverage closest to nominal
-    at regions.LEVELS, over regions.REGION_TEMPERATURES). Run after calibrate_refinement: the
-    posterior it tempers is the calibrated one. The point estimate and the Gaussian do not read τ.
+    """Calibrate the search regions on the validation split: the region temperature τ
+    (``model.region_temperature``; regions.choose_region_temperature: HPD coverage closest to nominal
+    at regions.LEVELS, over regions.REGION_TEMPERATURES), which also sets the modes' weights, then
+    one region mass per level (``model.region_mass``; regions.conformal_masses). Run after
+    calibrate_refinement: the posterior it tempers is the calibrated one. The point estimate and the
+    Gaussian read neither.
 
-    Returns {"region_temperature", "val_region_coverage" {p50: ..}, "val_region_median_area_km2" {p50: ..}}
-    (a model without a map has no grid posterior: τ stays 1 and the dict is empty).
+    Returns {"region_temperature", "region_mass" {p50: ..}, "val_region_coverage" {p50: ..},
+    "val_region_median_area_km2" {p50: ..}, ...} (a model without a map has no grid posterior: the
+    dict is empty).
     """
     if not model.has_map:
         return {}
@@ -131,8 +135,17 @@ def calibrate_regions(model: LocalizationNet, features: FeatureSet) -> dict:
     chosen = regions.choose_region_temperature(grid_log_posterior(model, features.input_batches(va, 128)), truth,
                                                regions.LEVELS, regions.REGION_TEMPERATURES)
     model.region_temperature.fill_(chosen["temperature"])
+    # then one mass per level so that each level's coverage is met (conformal_masses: τ alone misses
+    # some levels by a few points); masses for every reliability level, the graph answers REGION_LEVELS
+    mass = regions.conformal_masses(grid_log_posterior(model, features.input_batches(va, 128)), truth,
+                                    chosen["temperature"], RELIABILITY_LEVELS)
+    model.region_mass.copy_(torch.from_numpy(mass).float())
+    n_cells, covered = regions.tempered_hpd_regions(grid_log_posterior(model, features.input_batches(va, 128)),
+                                                    truth, [chosen["temperature"]], mass[model.region_columns])
     keys = [regions.level_key(p) for p in regions.LEVELS]
     return {"region_temperature": chosen["temperature"],
-            "val_region_coverage": dict(zip(keys, chosen["coverage"])),
-            "val_region_median_area_km2": {k: c * cell_km2 for k, c in zip(keys, chosen["median_cells"])},
+            "region_mass": dict(zip(keys, mass[model.region_columns].tolist())),
+            "val_region_coverage_temperature_only": dict(zip(keys, chosen["coverage"])),
+            "val_region_coverage": dict(zip(keys, covered[0].mean(0).tolist())),
+            "val_region_median_area_km2": dict(zip(keys, (np.median(n_cells[0], axis=0) * cell_km2).tolist())),
             "region_grid": chosen["table"]}

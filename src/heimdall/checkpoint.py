@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from heimdall.atomic import atomic_path
-from heimdall.contracts import FEATURE_NORMALIZATION_KEYS
+from heimdall.contracts import FEATURE_NORMALIZATION_KEYS, RELIABILITY_LEVELS
 from heimdall.errors import HeimdallError
 from heimdall.model import LocalizationNet, ModelConfig
 
@@ -54,6 +54,7 @@ def load_checkpoint(path: str | Path) -> tuple[LocalizationNet, dict]:
     sd = dict(payload["state_dict"])
     # written before the region temperature existed (issue 18): τ = 1, the uncalibrated posterior
     sd.setdefault("region_temperature", torch.tensor(1.0))
+    sd.setdefault("region_mass", torch.tensor(RELIABILITY_LEVELS, dtype=torch.float32))  # uncalibrated: mass = level
     config = ModelConfig(**payload["config"])
     norm = {k: sd[k] for k in FEATURE_NORMALIZATION_KEYS}
     norm["target_mean_m"] = sd["pos_mean"]

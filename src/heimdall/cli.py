@@ -80,9 +80,23 @@ def _cmd_register(args) -> dict:
 
 
 def _cmd_predict(args) -> dict:
-    from heimdall.predict import format_table, predict_sessions
+    from heimdall.predict import GEOJSON_KEY, format_table, predict_sessions
 
-    results = predict_sessions(args.sessions, args.model, args.session_id or None)
+    if args.geojson is not None:  # before minutes of prediction, and atomic_path would create the folder
+        folder = args.geojson.parent
+        if not folder.is_dir():
+            raise HeimdallError(f"--geojson {args.geojson}: directory {folder} does not exist")
+        if args.geojson.is_dir():
+            raise HeimdallError(f"--geojson {args.geojson}: is a directory, expected a file name")
+    results = predict_sessions(args.sessions, args.model, args.session_id or None, geojson=args.geojson is not None)
+    features = [f for r in results for f in r.pop(GEOJSON_KEY, [])]
+    if args.geojson is not None:
+        from heimdall.atomic import atomic_path
+        from heimdall.search_map import feature_collection
+
+        text = json.dumps(feature_collection(features), allow_nan=False, separators=(",", ":"))
+        with atomic_path(args.geojson) as tmp:
+            tmp.write_text(text + "\n")
     if args.json:
         print(json.dumps(results if len(results) != 1 or not args.session_id else results[0], indent=2))
     else:
@@ -91,6 +105,11 @@ def _cmd_predict(args) -> dict:
     summary = {"sessions": len(results)}
     if errors:
         summary["median_error_m"] = round(float(sorted(errors)[len(errors) // 2]), 1)
+    covered = [r["truth_in_region"]["p90"] for r in results if "p90" in r.get("truth_in_region", {})]
+    if covered:
+        summary["truth_in_90pct_region"] = round(sum(covered) / len(covered), 3)
+    if args.geojson is not None:
+        summary["geojson"] = str(args.geojson)
     return summary
 
 
@@ -200,13 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="locate the transmitter of sessions in a sessions.h5 with an exported model",
         description="Compute features exactly as extract_features does and run the ONNX model: prints "
         "position (lat, lon), the 1σ ellipse (semi-axes, azimuth of the major axis from north) and the "
-        "receivers used; --json adds the 2σ ellipse and covariance. MODEL is a .onnx file or an MLflow "
-        "URI such as models:/heimdall-localization@champion.",
+        "receivers used, then per session its candidate areas: the posterior's modes (probability, lat,lon; "
+        "the probability elsewhere) and the calibrated search regions (area holding the transmitter with "
+        "probability 50/68/90/95 %; with ground truth, the smallest one holding it). --json adds the 2σ "
+        "ellipse, covariances and each mode's ellipse. MODEL is a .onnx file or an MLflow URI such as "
+        "models:/heimdall-localization@champion.",
     )
     p.add_argument("--sessions", type=Path, default=Path("data/sessions.h5"), help="(default: %(default)s)")
     p.add_argument("--model", default="models/model.onnx", help="ONNX file or models:/NAME@ALIAS (default: %(default)s)")
     p.add_argument("--session-id", action="append", metavar="ID", help="only this session (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--geojson", type=Path, metavar="FILE",
+                   help="also write a GeoJSON FeatureCollection of the predicted sessions: per session the 50 %% "
+                   "and 90 %% search regions (polygons, with their area), the modes (points, with their "
+                   "probability) and the estimate (point); WGS-84 lon/lat (EPSG:4326), opens in QGIS or "
+                   "geojson.io. Written atomically; the directory must exist")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("validate", help="check a params file against the schema", description="Validate params.yaml: "

@@ -23,7 +23,14 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 # The model's six inputs (PyTorch forward arguments and ONNX graph inputs, in this order) and the
 # exported graph's outputs; docs/inference.md describes each.
 INPUT_NAMES = ("logmel", "rss_dbm", "snr_db", "present", "has_iq", "receiver_id")
-OUTPUT_NAMES = ("position_enu_m", "covariance_m2", "position_latlon")
+OUTPUT_NAMES = ("position_enu_m", "covariance_m2", "position_latlon", "cell_probability",
+                "mode_weight", "mode_enu_m", "mode_covariance_m2", "mode_latlon")
+# Search regions: the nominal levels published (test.json, heimdall predict, the ONNX metadata's region
+# masses), and the levels the model is calibrated at (the reliability diagram's; REGION_LEVELS among them).
+REGION_LEVELS = (0.50, 0.68, 0.90, 0.95)
+RELIABILITY_LEVELS = tuple(sorted({*(round(0.05 * i, 2) for i in range(1, 20)), *REGION_LEVELS}))
+# The posterior's modes published as a Gaussian mixture: at most this many (unused slots weigh 0).
+N_MODES = 4
 # The feature statistics the model carries inside (buffers of the same names), from normalization/*.
 FEATURE_NORMALIZATION_KEYS = ("logmel_mean_db", "logmel_std_db", "rss_mean_dbm", "rss_std_db", "snr_mean_db",
                               "snr_std_db")

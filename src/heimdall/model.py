@@ -15,6 +15,13 @@ Two parts, one module (so the ONNX export carries everything the estimator needs
    network's Gaussian as a prior (it removes the far-away ambiguous solutions RSS alone allows),
    gives a posterior whose mean and covariance are the output. Its temperature and the prior's
    width are calibrated on the validation split.
+
+3. **What a person searches** (``locate``): the same posterior, tempered by a calibrated region
+   temperature, as cell probabilities whose highest-density regions holding calibrated masses are
+   the search regions (heimdall.regions), and its few modes as a Gaussian mixture. The Gaussian of
+   part 2 is kept for compatibility: one Gaussian cannot describe a multi-modal posterior.
+
+The layers of part 1 and the Gaussian loss are in heimdall.layers.
 """
 
 from __future__ import annotations
@@ -26,11 +33,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heimdall.contracts import FEATURE_NORMALIZATION_KEYS
+from heimdall.contracts import (
+    FEATURE_NORMALIZATION_KEYS,
+    N_MODES,
+    REGION_LEVELS,
+    RELIABILITY_LEVELS,
+)
+from heimdall.layers import (  # noqa: F401 (re-exported)
+    MaskedSelfAttention,
+    SpectrogramEncoder,
+    chol_2x2,
+    gaussian_nll,
+)
 from heimdall.txpower import profile_tx_power
 
-LOG_2PI = math.log(2 * math.pi)
-MASK_VALUE = -1e4  # additive attention mask (finite: keeps ONNX graphs and all-absent rows NaN-free)
+# Two posterior modes are separate when neither is the largest cell within this many cells of the
+# other (a (2k+1)² max-pool window): 5 km on the default 1 km grid, the scale of one mode's blob.
+MODE_SEPARATION_CELLS = 5
 
 
 @dataclass(frozen=True)
@@ -50,98 +69,6 @@ class ModelConfig:
     # of the present receivers' positions plus the head's offset (a weighted centroid: generalises to
     # areas without training sessions, where a direct regressor extrapolates poorly).
     head: str = "direct"
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-
-
-def gaussian_nll(mean: torch.Tensor, chol: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample 2-D Gaussian negative log-likelihood with covariance L Lᵀ (L lower-triangular).
-
-    NLL = ½ (y−μ)ᵀ Σ⁻¹ (y−μ) + ½ log|Σ| + log 2π, with z = L⁻¹(y−μ) by forward substitution and
-    ½ log|Σ| = log L₁₁ + log L₂₂. The diagonal-covariance NLL is the special case L₂₁ = 0.
-    """
-    d = target - mean
-    l11, l21, l22 = chol[..., 0, 0], chol[..., 1, 0], chol[..., 1, 1]
-    z1 = d[..., 0] / l11
-    z2 = (d[..., 1] - l21 * z1) / l22
-    return 0.5 * (z1**2 + z2**2) + torch.log(l11) + torch.log(l22) + LOG_2PI
-
-
-def chol_2x2(cov: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of (..., 2, 2) SPD matrices, closed form (ONNX-friendly)."""
-    a, b, c = cov[..., 0, 0], cov[..., 1, 0], cov[..., 1, 1]
-    l11 = torch.sqrt(a)
-    l21 = b / l11
-    l22 = torch.sqrt(torch.clamp(c - l21**2, min=1e-12))
-    z = torch.zeros_like(a)
-    return torch.stack([torch.stack([l11, z], -1), torch.stack([l21, l22], -1)], -2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Receiver-set network
-
-
-class ResBlock(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(4, width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(4, width)
-
-    def forward(self, x):
-        y = F.relu(self.norm1(self.conv1(x)))
-        return F.relu(x + self.norm2(self.conv2(y)))
-
-
-class SpectrogramEncoder(nn.Module):
-    """Small ResNet over one receiver's normalised log-mel image (1 x M x F) -> d_model.
-
-    The image is average-pooled first (4 x 4 by default): the location information in a
-    spectrogram is mostly its calibrated level and coarse shape, and at full resolution the convs
-    would cost ~50x more CPU time per epoch for no measurable gain.
-    """
-
-    def __init__(self, width: int, depth: int, d_model: int, pool: int):
-        super().__init__()
-        layers: list[nn.Module] = [nn.AvgPool2d(pool), nn.Conv2d(1, width, 3, padding=1), nn.ReLU()]
-        w = width
-        for i in range(depth):
-            layers.append(ResBlock(w))
-            if i < depth - 1:  # halve resolution, double width
-                layers += [nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU()]
-                w *= 2
-        self.body = nn.Sequential(*layers)
-        self.out = nn.Linear(w, d_model)
-
-    def forward(self, x):  # (N, M, F)
-        h = self.body(x.unsqueeze(1))
-        return self.out(h.mean(dim=(2, 3)))
-
-
-class MaskedSelfAttention(nn.Module):
-    """Pre-norm transformer block over receiver tokens; absent receivers are never attended to."""
-
-    def __init__(self, d: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, key_mask):  # x (B, R, d), key_mask (B, R) 1 = present
-        b, r, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, r, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        att = att + (1.0 - key_mask)[:, None, None, :] * MASK_VALUE
-        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, r, d)
-        x = x + self.drop(self.proj(y))
-        return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class LocalizationNet(nn.Module):
@@ -197,6 +124,14 @@ class LocalizationNet(nn.Module):
             self.register_buffer("mode_radius_m2", (radio_map["cell_var_m2"].float() * 12 * 2.5**2).reshape(()))
             # plausible TX power range (dBm on the map's scale), from the training sessions
             self.register_buffer("power_range_dbm", radio_map["power_range_dbm"].float().reshape(2))
+            # the grid is regular and row-major (north rows of east cells): its shape, for the mode search
+            spacing = math.sqrt(12.0 * float(radio_map["cell_var_m2"]))
+            n_east = int(round(float(grid[:, 0].max() - grid[:, 0].min()) / spacing)) + 1
+            self.grid_shape = (grid.shape[0] // n_east, n_east)
+            w = MODE_SEPARATION_CELLS
+            disc = [(dr, dc) for dr in range(-w, w + 1) for dc in range(-w, w + 1) if dr * dr + dc * dc <= w * w]
+            self.register_buffer("disc_rows", torch.tensor([d[0] for d in disc]), persistent=False)
+            self.register_buffer("disc_cols", torch.tensor([d[1] for d in disc]), persistent=False)
         # Calibrated on the validation split after training (train stage): likelihood temperature
         # and prior (network) covariance scale.
         self.register_buffer("likelihood_temperature", torch.tensor(1.0))
@@ -207,6 +142,11 @@ class LocalizationNet(nn.Module):
         # softmax(posterior_logits / τ) (grid_posterior). Used for the regions only: the point
         # estimate and the Gaussian (forward, the ONNX graph) never read it.
         self.register_buffer("region_temperature", torch.tensor(1.0))
+        # ... and the region mass for each of RELIABILITY_LEVELS (regions.conformal_masses): the HPD
+        # region of that tempered posterior holding region_mass[j] covers RELIABILITY_LEVELS[j] of the
+        # validation truths. Default: mass = level (uncalibrated).
+        self.register_buffer("region_mass", torch.tensor(RELIABILITY_LEVELS, dtype=torch.float32))
+        self.region_columns = [RELIABILITY_LEVELS.index(p) for p in REGION_LEVELS]  # the published levels
 
     # -- the network ------------------------------------------------------------------------
     def network(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
@@ -291,7 +231,9 @@ class LocalizationNet(nn.Module):
         """Posterior over the grid from the likelihood cost and the network's Gaussian prior:
         (mean (B, 2), covariance (B, 2, 2)) in ENU metres."""
         east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
-        logits = self._posterior_logits(cost, prior_mean, prior_cov, east, north)
+        return self._gaussian_summary(self._posterior_logits(cost, prior_mean, prior_cov, east, north), east, north)
+
+    def _gaussian_summary(self, logits, east, north):
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
         # would fall between them.
@@ -312,6 +254,84 @@ class LocalizationNet(nn.Module):
         cell = self.cell_var_m2 * self.cov_scale_local
         cov = torch.stack([torch.stack([cee + cell, cen], -1), torch.stack([cen, cnn + cell], -1)], -2)
         return torch.cat([mean_e, mean_n], 1), cov
+
+    # -- search regions and modes (the calibrated posterior, not its Gaussian) -------------------
+    def region_probability(self, logits):
+        """(B, G) the calibrated posterior softmax(logits / τ) over the grid cells, whose HPD regions
+        holding region_mass are the search regions (heimdall.regions.hpd_thresholds: a full sort of
+        the cells, done outside the graph: in onnxruntime it alone took 2.2 ms of a 2 ms budget)."""
+        return torch.softmax(logits / self.region_temperature, dim=1)
+
+    def posterior_modes(self, prob):
+        """The posterior's modes as a Gaussian mixture of at most N_MODES components: (weight (B, K),
+        mean (B, K, 2), covariance (B, K, 2, 2)), most probable first.
+
+        A mode is a cell that is the most probable within MODE_SEPARATION_CELLS of itself (the first in
+        row-major order where equal); its part of
+        the map is the cells within that radius that are nearer to it than to any other mode; its
+        weight, mean and covariance are the posterior mass and moments of that part (plus the cell's
+        own variance). The rest of the mass (diffuse tails) is "elsewhere": 1 − Σ weight. Slots without
+        a mode weigh 0 (mean: the map's first cell, covariance: the cell's).
+
+        Measured on the default campaign's test split (docs/model.md): the weights are calibrated
+        (sessions whose top weight was ~0.3 / 0.5 / 0.7 / 0.93 had their truth in that part 0.31 /
+        0.46 / 0.68 / 0.92 of the time). Whole Voronoi cells (no radius) put far diffuse mass into a
+        mode: its mean drifted off the peak and the top mode landed within 5 km of the truth for 38 %
+        of sessions instead of 44 %. Choosing peaks by the mass of a box around them instead of their
+        height found fewer of the truths (any mode within 5 km: 0.68 vs 0.75). Only each peak's disc of cells is gathered ((B, K, 81) values,
+        not (B, K, G)): the same sums, ~0.1 ms instead of ~1 ms in onnxruntime.
+        """
+        b, k = prob.shape[0], N_MODES
+        n_north, n_east = self.grid_shape
+        w = MODE_SEPARATION_CELLS
+        image = prob.reshape(b, 1, n_north, n_east)
+        peak = image >= F.max_pool2d(image, 2 * w + 1, stride=1, padding=w)
+        # A flat stretch (equal probabilities: a diffuse posterior) has one peak, its first cell in
+        # row-major order: a peak must beat, strictly, the window's cells that come before it (the
+        # w rows above; the w cells to its left). Without this, onnxruntime and PyTorch picked
+        # different cells of a plateau (their TopK break ties differently): modes 4-24 km apart.
+        pad = F.pad(image, (w, w, w, 0), value=-1.0)  # probabilities are >= 0
+        above = F.max_pool2d(pad, (w, 2 * w + 1), stride=1)[:, :, :n_north]
+        left = F.max_pool2d(F.pad(image, (w, 0, 0, 0), value=-1.0), (1, w), stride=1)[:, :, :, :n_east]
+        peak = (peak & (image > above) & (image > left)).reshape(b, -1)
+        height, cell = torch.where(peak, prob, torch.zeros_like(prob)).topk(k, dim=1)  # (B, K)
+        row, col = cell // n_east, cell % n_east
+        rr, cc = row[..., None] + self.disc_rows, col[..., None] + self.disc_cols  # (B, K, D) disc cells
+        on_map = (rr >= 0) & (rr < n_north) & (cc >= 0) & (cc < n_east) & (height > 0)[..., None]
+        # nearest peak (in cells, exact integers; ties to the more probable peak); slots without a peak own nothing
+        d2 = (rr[..., None] - row[:, None, None, :]) ** 2 + (cc[..., None] - col[:, None, None, :]) ** 2  # (B,K,D,K)
+        d2 = d2 + (height <= 0).long()[:, None, None, :] * (4 * (n_north + n_east) ** 2)
+        own = d2.argmin(-1) == torch.arange(k)[None, :, None]
+        idx = rr.clamp(0, n_north - 1) * n_east + cc.clamp(0, n_east - 1)  # (B, K, D)
+        part = prob.gather(1, idx.reshape(b, -1)).reshape(idx.shape) * (on_map & own).to(prob.dtype)
+        east, north = self.grid_east_m[idx], self.grid_north_m[idx]  # (B, K, D)
+        weight = part.sum(-1)  # (B, K)
+        total = weight.clamp_min(1e-30)
+        me, mn = (part * east).sum(-1) / total, (part * north).sum(-1) / total
+        me = torch.where(weight > 0, me, self.grid_east_m[0])  # an unused slot: the map's first cell
+        mn = torch.where(weight > 0, mn, self.grid_north_m[0])
+        de, dn = east - me[..., None], north - mn[..., None]
+        cee = (part * de * de).sum(-1) / total + self.cell_var_m2
+        cen = (part * de * dn).sum(-1) / total
+        cnn = (part * dn * dn).sum(-1) / total + self.cell_var_m2
+        cov = torch.stack([torch.stack([cee, cen], -1), torch.stack([cen, cnn], -1)], -2)  # (B, K, 2, 2)
+        weight, order = weight.topk(k, dim=1)  # most probable first
+        mean = torch.stack([me.gather(1, order), mn.gather(1, order)], -1)
+        return weight, mean, cov.gather(1, order[..., None, None].expand(b, k, 2, 2))
+
+    def locate(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
+        """Everything the exported graph answers (contracts.OUTPUT_NAMES, less the lat/lon the export
+        adds): position (B, 2), covariance (B, 2, 2) as ``forward``; the calibrated cell
+        probabilities (B, G) (``region_probability``); the modes (``posterior_modes``). Needs a map."""
+        if not self.has_map:
+            raise ValueError("search regions and modes need the radio map (a model without one has only its Gaussian)")
+        prior_mean, prior_cov = self.network_metric(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
+        east, north = self.grid_east_m[None], self.grid_north_m[None]
+        cost = self.likelihood_cost(rss_dbm, present, receiver_id)
+        logits = self._posterior_logits(cost, prior_mean, prior_cov, east, north)
+        mean, cov = self._gaussian_summary(logits, east, north)
+        prob = self.region_probability(logits)
+        return (mean, cov, prob, *self.posterior_modes(prob))
 
     def refine(self, prior_mean, prior_cov, rss_dbm, present, receiver_id):
         """Posterior over the map grid: RSS likelihood (TX power profiled out) x network prior."""

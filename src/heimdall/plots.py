@@ -113,7 +113,8 @@ def map_sessions(n_test: int, k: int = MAP_SESSIONS) -> np.ndarray:
 
 
 def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, target, mean, cov,
-                            receiver_enu_m, receiver_names, levels=MAP_LEVELS) -> tuple[Path, np.ndarray | None]:
+                            receiver_enu_m, receiver_names, levels=MAP_LEVELS, masses=None,
+                            modes=None) -> tuple[Path, np.ndarray | None]:
     """search_regions_map.png: an overview (receivers, and each drawn session's truth and outer
     region) and one zoomed panel per session with its HPD regions at ``levels`` (filled cells of the
     model's map grid), the truth, the point estimate and the shipped Gaussian's ellipse at the
@@ -121,7 +122,9 @@ def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, tar
 
     ``prob`` (k, G): the sessions' calibrated cell probabilities (None: the model has no map grid,
     only ellipses are drawn); ``grid`` = (east0_m, north0_m, spacing_m, n_east, n_north), cells
-    row-major (north row × n_east + east column). Returns (the PNG path, the drawn layers
+    row-major (north row × n_east + east column); ``masses`` (L,): the posterior mass each level's
+    region holds (the model's calibrated region masses; default: the levels themselves); ``modes``:
+    (weight (k, K), mean (k, K, 2)) drawn as numbered circles. Returns (the PNG path, the drawn layers
     (k, n_north, n_east) int: the number of ``levels`` whose region holds each cell, None without a grid).
     """
     from matplotlib.colors import ListedColormap
@@ -138,7 +141,7 @@ def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, tar
     layers = None
     if prob is not None:
         east0, north0, spacing, n_east, n_north = grid
-        member = hpd_membership(prob, levels)  # (k, L, G)
+        member = hpd_membership(prob, levels if masses is None else masses)  # (k, L, G)
         layers = member.sum(1).reshape(k, n_north, n_east)
         extent = (np.array([east0 - spacing / 2, east0 + (n_east - 0.5) * spacing,
                             north0 - spacing / 2, north0 + (n_north - 0.5) * spacing]) / 1e3)
@@ -199,6 +202,14 @@ def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, tar
         ax.scatter(rx[:, 0], rx[:, 1], marker="^", s=50, c="k", zorder=5)
         ax.plot(*t, "*", ms=13, c="lime", mec="k", mew=0.8, zorder=6)
         ax.plot(*m, "x", ms=9, mew=2, c="tab:blue", zorder=6)
+        if modes is not None:
+            for rank, (wt, mm) in enumerate(zip(modes[0][j], modes[1][j] / 1e3)):
+                if wt > 0:
+                    ax.plot(*mm, "o", ms=7, mfc="none", mec="purple", mew=1.3, zorder=6)
+                    ax.annotate(f"{rank + 1}: {100 * wt:.0f} %", mm, textcoords="offset points", xytext=(5, 3),
+                                fontsize=7, color="purple", zorder=7)
+                    if wt >= 0.1:  # zoom to hold the likely modes (a 2 % one 100 km away would shrink the rest)
+                        box.append(mm)
         b = np.concatenate([np.atleast_2d(x) for x in box])
         centre, half = (b.min(0) + b.max(0)) / 2, max(float((b.max(0) - b.min(0)).max()) / 2 * 1.15, 3.0)
         ax.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half), aspect="equal")
@@ -209,6 +220,8 @@ def write_search_region_map(plots_dir: Path, prob, grid: tuple, session_ids, tar
     handles = [Patch(color=cmap(i), label=names[len(levels) - 1 - i]) for i in range(len(levels))] if layers is not None else []
     handles += [plt.Line2D([], [], c="tab:blue", lw=1.2, label=f"shipped Gaussian, {round(100 * levels[-1])} % ellipse"),
                 plt.Line2D([], [], ls="", marker="x", c="tab:blue", mew=2, label="point estimate"),
+                *([plt.Line2D([], [], ls="", marker="o", mfc="none", mec="purple", label="posterior modes (weight)")]
+                  if modes is not None else []),
                 plt.Line2D([], [], ls="", marker="*", ms=11, c="lime", mec="k", label="truth"),
                 plt.Line2D([], [], ls="", marker="^", c="k", label="receiver")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)

@@ -1,9 +1,15 @@
-"""``heimdall predict``: sessions.h5 + an exported model -> position, error ellipses, receivers used.
+"""``heimdall predict``: sessions.h5 + an exported model -> position, error ellipses, receivers used,
+calibrated search regions (area per level) and the posterior's modes (candidate areas).
 
 The model is a local ONNX file or an MLflow model URI (``models:/heimdall-localization@champion``).
 Features are computed by the same code as the extract_features stage (heimdall.features.featurize_block)
 with the front-end settings stored in the ONNX metadata; receivers are matched to the model's
 receiver table by name. Normalisation is inside the graph.
+
+Search regions come from the graph's ``cell_probability`` on the metadata's ``grid``: the level-p
+region is the HPD set holding ``regions.mass`` of the probability (heimdall.regions.hpd_thresholds),
+exactly the sets the evaluate stage's test metrics count. The (batch, cells) probabilities live one
+batch at a time; with ``geojson=True`` each session's map features are drawn in that batch too.
 """
 
 from __future__ import annotations
@@ -15,13 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from heimdall import geo
+from heimdall.contracts import OUTPUT_NAMES
 from heimdall.errors import HeimdallError
 from heimdall.features import LogMelFrontend, featurize_block
+from heimdall.regions import grid_cell_index, hpd_thresholds, level_key
 
 # Refuse inputs that would not fit a reasonable machine: a sessions file is read in batches, but
 # one row of IQ and the number of sessions a call answers are bounded.
 MAX_SESSIONS = 100_000
 MAX_IQ_SAMPLES = 10_000_000
+# the search regions drawn in --geojson maps (the model's levels include them)
+GEOJSON_LEVELS = (0.5, 0.9)
+# the private key under which predict_sessions(geojson=True) returns a session's GeoJSON Features
+GEOJSON_KEY = "_geojson"
 
 
 def resolve_model(model: str | Path, workdir: Path) -> Path:
@@ -70,10 +82,38 @@ def _select_rows(all_ids: np.ndarray, session_ids: list[str] | None, path: Path)
     return rows
 
 
+def _region_metadata(meta: dict, model) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(grid, levels (L,), masses (L,)) from the model's metadata; one-line error if absent or malformed."""
+    grid, reg = meta.get("grid"), meta.get("regions")
+    keys = {"east0_m", "north0_m", "spacing_m", "n_east", "n_north"}
+    if not (isinstance(grid, dict) and keys <= grid.keys() and isinstance(reg, dict)
+            and {"levels", "mass"} <= reg.keys() and len(reg["levels"]) == len(reg["mass"]) > 0):
+        raise HeimdallError(f"{model}: ONNX metadata has no search-region grid/levels ('grid', 'regions'); "
+                            "re-export the model")
+    return grid, np.asarray(reg["levels"], dtype=np.float64), np.asarray(reg["mass"], dtype=np.float64)
+
+
+def _modes(weight: np.ndarray, enu: np.ndarray, cov: np.ndarray, latlon: np.ndarray) -> list[dict]:
+    """The used mode slots (weight > 0) of one session, most probable first."""
+    order = [k for k in np.argsort(-weight, kind="stable") if weight[k] > 0]
+    return [{"weight": float(weight[k]),
+             "latitude_deg": float(latlon[k, 0]), "longitude_deg": float(latlon[k, 1]),
+             "east_m": float(enu[k, 0]), "north_m": float(enu[k, 1]),
+             "covariance_m2": cov[k].astype(float).tolist(),
+             "ellipse_1sigma": ellipse_axes(cov[k].astype(np.float64), 1.0)} for k in order]
+
+
 def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: list[str] | None = None,
-                     batch: int = 64) -> list[dict]:
+                     batch: int = 64, geojson: bool = False) -> list[dict]:
     """One dict per session: position (lat/lon and ENU), covariance, 1σ/2σ ellipses, receivers used,
-    and the error against the file's ground truth where it has one."""
+    ``search_regions`` ([{level, area_km2}] per level of the model), ``modes`` (used slots, most
+    probable first: weight, lat/lon, ENU, covariance, 1σ ellipse) and ``elsewhere_probability``; where
+    the file has the ground truth, ``error_m`` and ``truth_in_region`` ({"p50": bool, ...}: the truth's
+    grid cell is in the level's region, as the test metrics count it).
+
+    ``geojson=True``: each dict also carries its GeoJSON Features (heimdall.search_map.session_features:
+    the 50 % and 90 % regions, the modes, the estimate) under ``GEOJSON_KEY``, drawn batch by batch so
+    that the cell probabilities are never all in memory; pop it before serialising the result."""
     from heimdall.export.runtime import load_onnx_session
     from heimdall.sessions_file import open_sessions
 
@@ -84,6 +124,15 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
     fe = meta.get("frontend") or {}
     if not {"sample_rate_hz", "n_fft", "n_mels", "n_frames"} <= fe.keys():
         raise HeimdallError(f"{model}: ONNX metadata has no log-mel front-end settings (re-export the model)")
+    grid, levels, masses = _region_metadata(meta, model)
+    n_grid = int(grid["n_east"]) * int(grid["n_north"])
+    cell_km2 = float(grid["spacing_m"]) ** 2 / 1e6
+    if geojson:
+        from heimdall.search_map import session_features
+
+        missing = [lv for lv in GEOJSON_LEVELS if not np.isclose(levels, lv, rtol=0.0, atol=1e-9).any()]
+        if missing:
+            raise HeimdallError(f"{model}: the model's region levels {levels.tolist()} lack {missing} (re-export the model)")
     model_rx = [r["name"] for r in meta["receivers"]]
     o = meta["origin"]
     origin = (o["latitude_deg"], o["longitude_deg"], o["altitude_m"])
@@ -108,6 +157,11 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
         ids = src["sessions/session_id"].asstr()[()]
         rows = _select_rows(ids, session_ids, sessions_path)
         truth = np.stack([src["sessions/tx_latitude_deg"][()], src["sessions/tx_longitude_deg"][()]], 1)
+        has_truth = np.isfinite(truth).all(1)
+        # same metric as the test metrics: ENU distance to the h = 0 truth (extract_features' targets)
+        truth_enu = np.full((len(truth), 2), np.nan)
+        te, tn, _ = geo.geodetic_to_enu(truth[has_truth, 0], truth[has_truth, 1], np.zeros(int(has_truth.sum())), origin)
+        truth_enu[has_truth] = np.stack([te, tn], 1)
         m = src["measurements"]
         results: list[dict] = []
         r_model = len(model_rx)
@@ -130,7 +184,22 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
             feeds["logmel"][:, s] = feats["logmel_db"]
             feeds["rss_dbm"][:, s], feeds["snr_db"][:, s] = feats["rss_dbm"], feats["snr_db"]
             feeds["present"][:, s], feeds["has_iq"][:, s] = feats["present"], feats["has_iq"]
-            enu, cov, latlon = session.run(None, feeds)
+            graph_out = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds)))
+            enu, cov, latlon = graph_out["position_enu_m"], graph_out["covariance_m2"], graph_out["position_latlon"]
+            prob = graph_out["cell_probability"]
+            if prob.shape != (b, n_grid):
+                raise HeimdallError(f"{model}: cell_probability has {prob.shape[1]} cells; its metadata grid "
+                                    f"{grid['n_east']}×{grid['n_north']} (re-export the model)")
+            # hpd_thresholds normalises the rows exactly so: membership compares like with like
+            p64 = np.asarray(prob, dtype=np.float64)
+            p64 = p64 / p64.sum(1, keepdims=True)
+            threshold, n_cells = hpd_thresholds(prob, masses)  # (b, L)
+            area_km2 = n_cells * cell_km2
+            cell = grid_cell_index(np.where(has_truth[chunk, None], truth_enu[chunk], 0.0), float(grid["east0_m"]),
+                                   float(grid["north0_m"]), float(grid["spacing_m"]), int(grid["n_east"]),
+                                   int(grid["n_north"]))
+            p_truth = np.where(cell >= 0, p64[np.arange(b), np.maximum(cell, 0)], -np.inf)
+            covered = p_truth[:, None] >= threshold  # (b, L)
             for i, row in enumerate(chunk):
                 used = [model_rx[j] for j in range(r_model) if feeds["present"][i, j] > 0]
                 out = {
@@ -142,11 +211,20 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
                     "ellipse_2sigma": ellipse_axes(cov[i].astype(np.float64), 2.0),
                     "receivers_used": used,
                 }
+                out["search_regions"] = [{"level": float(lv), "area_km2": float(a)}
+                                         for lv, a in zip(levels, area_km2[i])]
+                out["modes"] = _modes(graph_out["mode_weight"][i], graph_out["mode_enu_m"][i], graph_out["mode_covariance_m2"][i],
+                                      graph_out["mode_latlon"][i])
+                out["elsewhere_probability"] = max(0.0, 1.0 - sum(m["weight"] for m in out["modes"]))
                 if not used:
                     out["warning"] = "no usable receiver: the position is the model's prior"
-                if np.isfinite(truth[row]).all():  # same metric as the test metrics: ENU distance
-                    te, tn, _ = geo.geodetic_to_enu(truth[row, 0], truth[row, 1], 0.0, origin)
+                if has_truth[row]:
+                    te, tn = truth_enu[row]
                     out["error_m"] = float(math.hypot(enu[i, 0] - te, enu[i, 1] - tn))
+                    out["truth_in_region"] = {level_key(lv): bool(c) for lv, c in zip(levels, covered[i])}
+                if geojson:
+                    out[GEOJSON_KEY] = session_features(out["session_id"], p64[i], threshold[i], levels, area_km2[i],
+                                                        out["modes"], latlon[i], grid, origin, GEOJSON_LEVELS)
                 results.append(out)
     ignored = [n for n, k in zip(file_rx, known) if not k]
     for r in results:
@@ -155,7 +233,17 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
     return results
 
 
+def _pct(p: float) -> str:
+    return f"{100 * p:.0f}%"
+
+
+def _km2(a: float) -> str:
+    return f"{a:.1f} km²" if a < 10 else f"{a:,.0f} km²"
+
+
 def format_table(results: list[dict]) -> str:
+    """One row per session, then two indented lines: its modes (weight, lat,lon; the probability
+    elsewhere) and its search regions (level, area; the smallest one holding the truth, if known)."""
     lines = [f"{'session':<24} {'lat':>9} {'lon':>9} {'1σ major×minor km':>18} {'az°':>5} {'rx':>3} {'error km':>9}"]
     for r in results:
         e = r["ellipse_1sigma"]
@@ -163,4 +251,15 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"{r['session_id'][:24]:<24} {r['latitude_deg']:9.4f} {r['longitude_deg']:9.4f} "
                      f"{e['semi_major_m'] / 1e3:8.2f}×{e['semi_minor_m'] / 1e3:<9.2f} {e['orientation_deg']:5.0f} "
                      f"{len(r['receivers_used']):>3} {err}")
+        if "modes" in r:
+            modes = [f"{_pct(m['weight'])} {m['latitude_deg']:.4f},{m['longitude_deg']:.4f}" for m in r["modes"]
+                     if m["weight"] >= 0.01]  # the JSON keeps every mode
+            lines.append("    modes:   " + " · ".join([*modes, f"elsewhere {_pct(r['elsewhere_probability'])}"]))
+        if "search_regions" in r:
+            text = "    regions: " + " · ".join(f"{_pct(g['level'])} {_km2(g['area_km2'])}" for g in r["search_regions"])
+            if "truth_in_region" in r:
+                hit = [g["level"] for g in r["search_regions"] if r["truth_in_region"].get(level_key(g["level"]))]
+                text += (f"   truth: in the {_pct(min(hit))} region" if hit
+                         else f"   truth: outside the {_pct(r['search_regions'][-1]['level'])} region")
+            lines.append(text)
     return "\n".join(lines)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from heimdall import geo
-from heimdall.contracts import INPUT_NAMES, OUTPUT_NAMES
+from heimdall.contracts import INPUT_NAMES, N_MODES, OUTPUT_NAMES, REGION_LEVELS
 from heimdall.errors import HeimdallError
 from heimdall.export.runtime import GEODESY_TOL_DEG, ONNX_FORMAT, ONNX_FORMAT_VERSION
 from heimdall.model import LocalizationNet
@@ -95,21 +95,25 @@ class EnuToGeodetic(nn.Module):
 
 
 class ExportModule(nn.Module):
-    """LocalizationNet + in-graph geodesy: the six inputs -> the three named outputs."""
+    """LocalizationNet.locate + in-graph geodesy: the six inputs -> the eight named outputs."""
 
     def __init__(self, model: LocalizationNet, origin: Sequence[float]):
         super().__init__()
+        if not model.has_map:
+            raise HeimdallError("the exported graph answers search regions and modes: the model needs its radio map")
         self.model = model
         self.geodetic = EnuToGeodetic(origin)
 
     def forward(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
-        mean, cov = self.model(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
-        return mean, cov, self.geodetic(mean)
+        mean, cov, prob, mode_weight, mode_mean, mode_cov = self.model.locate(
+            logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
+        mode_latlon = self.geodetic(mode_mean.reshape(-1, 2)).reshape(mode_mean.shape)
+        return mean, cov, self.geodetic(mean), prob, mode_weight, mode_mean, mode_cov, mode_latlon
 
 
 def _io_descriptions(model: LocalizationNet) -> tuple[list[dict], list[dict]]:
     c = model.config
-    r = c.n_receivers
+    r, g, k = c.n_receivers, int(model.grid_east_m.shape[0]), N_MODES
     inputs = [
         {"name": "logmel", "dtype": "float32", "shape": ["batch", r, c.n_mels, c.n_frames], "unit": "dB",
          "description": "per-receiver log-mel spectrogram (raw dB; normalised inside the graph); "
@@ -132,8 +136,39 @@ def _io_descriptions(model: LocalizationNet) -> tuple[list[dict], list[dict]]:
          "description": "position covariance (east, north), calibrated on the validation split"},
         {"name": "position_latlon", "dtype": "float64", "shape": ["batch", 2], "unit": "deg",
          "description": "WGS-84 latitude, longitude of position_enu_m on the ellipsoid (h = 0)"},
+        {"name": "cell_probability", "dtype": "float32", "shape": ["batch", g], "unit": "probability",
+         "description": "calibrated posterior probability of each cell of 'grid' (row-major: north rows of "
+                        "east cells); sums to 1. The level-p search region: the most probable cells until "
+                        "their sum reaches regions.mass[p] (cells tied with the last one included)"},
+        {"name": "mode_weight", "dtype": "float32", "shape": ["batch", k], "unit": "probability",
+         "description": "probability of each posterior mode's part of the map, most probable first; 0 = no "
+                        "mode in this slot; 1 - sum = elsewhere"},
+        {"name": "mode_enu_m", "dtype": "float32", "shape": ["batch", k, 2], "unit": "m",
+         "description": "each mode's mean: east, north around 'origin'"},
+        {"name": "mode_covariance_m2", "dtype": "float32", "shape": ["batch", k, 2, 2], "unit": "m^2",
+         "description": "each mode's covariance (east, north)"},
+        {"name": "mode_latlon", "dtype": "float64", "shape": ["batch", k, 2], "unit": "deg",
+         "description": "WGS-84 latitude, longitude of each mode's mean on the ellipsoid (h = 0)"},
     ]
     return inputs, outputs
+
+
+def region_description(model: LocalizationNet) -> dict:
+    """How to turn cell_probability into the calibrated search regions: {"levels": nominal levels,
+    "mass": the mass each level's HPD region holds (calibrated on validation), "temperature": τ,
+    "n_modes"} (heimdall.regions.hpd_thresholds does it)."""
+    mass = model.region_mass.double().numpy()[model.region_columns]
+    return {"levels": list(REGION_LEVELS), "mass": [float(np.float32(m)) for m in mass],
+            "temperature": float(model.region_temperature), "n_modes": N_MODES}
+
+
+def grid_description(model: LocalizationNet) -> dict:
+    """The map grid of cell_probability: {east0_m, north0_m, spacing_m, n_east, n_north} (cell g at
+    row g // n_east, column g % n_east; centre (east0_m + column·spacing_m, north0_m + row·spacing_m))."""
+    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
+    n_north, n_east = model.grid_shape
+    return {"east0_m": float(east.min()), "north0_m": float(north.min()),
+            "spacing_m": float(np.sqrt(12.0 * float(model.cell_var_m2))), "n_east": int(n_east), "n_north": int(n_north)}
 
 
 @contextlib.contextmanager
@@ -237,6 +272,12 @@ def build_metadata(model: LocalizationNet, payload: dict, features, *, params_ha
         "position_enu_m": "absolute difference in km",
         "covariance_m2": "absolute difference / the session's largest |covariance element|",
         "position_latlon": "absolute difference in degrees",
+        "cell_probability": "absolute difference",
+        "region_area_km2": "search-region area from each runtime's cell_probability: difference beyond one boundary cell / the area",
+        "mode_weight": "absolute difference",
+        "mode_enu_m": "absolute difference in km",
+        "mode_covariance_m2": "absolute difference / the mode's largest |covariance element| per session",
+        "mode_latlon": "absolute difference in degrees",
         "geodesy_tol_deg": GEODESY_TOL_DEG,
     }
     import onnx
@@ -254,6 +295,8 @@ def build_metadata(model: LocalizationNet, payload: dict, features, *, params_ha
         "inputs": dump(inputs),
         "outputs": dump(outputs),
         "parity": dump(parity),
+        "grid": dump(grid_description(model)),
+        "regions": dump(region_description(model)),
         "params_hash": str(params_hash),
         "checkpoint_md5": checkpoint_md5,
         "exporter": f"torch.onnx.export(dynamo) torch {torch.__version__}; onnx {onnx.__version__}; "
@@ -268,4 +311,5 @@ def set_metadata(model, metadata: dict[str, str]) -> None:
     for k in sorted(metadata):
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=metadata[k]))
     model.doc_string = ("Heimdall LocalizationNet: WebSDR receivers' features -> transmitter position "
-                        "(ENU m, covariance m^2, WGS-84 lat/lon). See metadata_props.")
+                        "(ENU m, covariance m^2, WGS-84 lat/lon), calibrated search regions and posterior modes. "
+                        "See metadata_props.")

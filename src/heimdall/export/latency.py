@@ -78,7 +78,7 @@ def benchmark(model_bytes: bytes, model: LocalizationNet, features: FeatureSet, 
     model.eval()
     saved = torch.get_num_threads()
     try:
-        tbest, tby = measure(lambda threads: (lambda x: model(*x)), singles, runs, warmup, torch.set_num_threads)
+        tbest, tby = measure(lambda threads: (lambda x: model.locate(*x)), singles, runs, warmup, torch.set_num_threads)
     finally:
         torch.set_num_threads(saved)
     out.update(torch_p50_latency_ms_batch1=tby[str(tbest)]["p50_ms"],

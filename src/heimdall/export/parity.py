@@ -10,7 +10,10 @@ output in a documented scale and fails when the largest exceeds ``max_abs_diff``
   grid and kilometre-scale errors);
 - ``covariance_m2``: absolute difference **relative to the session's largest covariance element**
   (its largest variance), dimensionless;
-- ``position_latlon``: absolute difference in **degrees**.
+- ``position_latlon``: absolute difference in **degrees**;
+- ``cell_probability`` and ``mode_weight``: absolute difference (probability);
+- ``region_area_km2``: difference beyond one boundary cell, relative to the region's area;
+- ``mode_enu_m``, ``mode_covariance_m2``, ``mode_latlon``: as position, covariance and lat/lon.
 
 The raw differences (m, m², deg) are reported beside them. Separately, the graph's latitude/longitude
 are checked against ``heimdall.geo`` (from the graph's own ENU output) to :data:`GEODESY_TOL_DEG`.
@@ -21,16 +24,22 @@ answer differently for that session.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from heimdall import geo
+from heimdall import geo, regions
 from heimdall.contracts import INPUT_NAMES, OUTPUT_NAMES
 from heimdall.data import FeatureSet
 from heimdall.errors import HeimdallError
 from heimdall.model import LocalizationNet
+
+# the scaled differences the gate compares with max_abs_diff (the others are reported beside them)
+GATED = ("position_km", "covariance_rel", "latlon_deg", "cell_probability", "region_area_rel", "mode_weight",
+         "mode_km", "mode_covariance_rel", "mode_latlon_deg")
+
 
 def ground_latlon(east, north, origin: Sequence[float], iterations: int = 6) -> np.ndarray:
     """Reference (numpy, heimdall.geo): (lat, lon) degrees of the h = 0 point with ENU east/north.
@@ -47,6 +56,15 @@ def ground_latlon(east, north, origin: Sequence[float], iterations: int = 6) -> 
     return np.stack([lat, lon], 1)
 
 
+def _matching(mode: np.ndarray, ref_mode: np.ndarray) -> np.ndarray:
+    """(n, K) the order of ``mode`` (n, K, 2) that best matches ``ref_mode``: the permutation with the
+    least largest distance between counterparts (identity first, so a tie keeps the given order)."""
+    perms = np.array(list(itertools.permutations(range(mode.shape[1]))))  # (P, K), identity first
+    dist = np.linalg.norm(mode[:, perms] - ref_mode[:, None], axis=-1)  # (n, P, K)
+    dist = np.where(np.isfinite(dist), dist, np.inf).max(-1)
+    return perms[dist.argmin(1)]
+
+
 def feeds_of(inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
     return {n: np.ascontiguousarray(t.numpy()) for n, t in zip(INPUT_NAMES, inputs)}
 
@@ -56,44 +74,83 @@ def parity(session, model: LocalizationNet, geodetic: torch.nn.Module, features:
            origin: Sequence[float], batch: int = 128) -> dict:
     """ONNX vs the PyTorch model on sessions ``idx`` (batched): per-output differences, scaled and raw.
 
-    The reference is ``model(...)`` (LocalizationNet.forward, float32, eager) for position and
-    covariance, and the float64 geodesy applied to the PyTorch position for lat/lon. Non-finite
-    ONNX outputs count as an infinite difference.
+    The reference is ``model.locate(...)`` (float32, eager) for position, covariance and cell
+    probabilities, ``model.posterior_modes`` of the graph's cell probabilities for the modes, and the
+    float64 geodesy applied to the PyTorch positions for lat/lon. Non-finite ONNX outputs count as
+    an infinite difference. Search-region areas may differ by one boundary cell (the two runtimes'
+    float32 cumulative sums differ in the last bits, so the cell where the mass reaches the level can
+    differ; measured: ~1 % of regions); more than that counts.
     """
     model.eval()
-    pos_m, cov_m2, cov_rel, ll_deg, geod = [], [], [], [], []
+    cell_km2 = float(model.cell_var_m2) * 12.0 / 1e6
+    mass = model.region_mass.double().numpy()[model.region_columns]
+    d: dict[str, list] = {k: [] for k in ("pos_m", "cov_m2", "cov_rel", "ll", "geod", "prob", "area", "weight",
+                                          "mode_m", "mode_cov_rel", "mode_ll")}
     for s in range(0, len(idx), batch):
         inputs = features.model_inputs(idx[s:s + batch])
-        ref_pos, ref_cov = model(*inputs)
-        ref_ll = geodetic(ref_pos).numpy()
-        ref_pos, ref_cov = ref_pos.double().numpy(), ref_cov.double().numpy()
-        pos, cov, ll = (np.asarray(o, dtype=np.float64) for o in session.run(list(OUTPUT_NAMES), feeds_of(inputs)))
+        raw = session.run(list(OUTPUT_NAMES), feeds_of(inputs))
+        ref_pos, ref_cov, ref_prob = (t.double().numpy() for t in model.locate(*inputs)[:3])
+        # The modes are a discontinuous function of the probabilities (which cell is a peak, which
+        # four are the highest): float32 differences between the runtimes' probabilities flip near-ties
+        # (measured: a diffuse one-epoch posterior, 4 % modes, 4 km apart). So the graph's modes are
+        # checked against posterior_modes of the graph's own probabilities, and those probabilities
+        # against the model's: together, the graph computes what the model does.
+        ref_w, ref_mode, ref_mode_cov = (t.double().numpy() for t in model.posterior_modes(torch.from_numpy(raw[3])))
+        ref_ll = geodetic(torch.from_numpy(ref_pos).float()).numpy()
+        ref_mode_ll = geodetic(torch.from_numpy(ref_mode.reshape(-1, 2)).float()).numpy().reshape(ref_mode.shape)
+        out = [np.asarray(o, dtype=np.float64) for o in raw]
+        pos, cov, ll, prob, w, mode, mode_cov, mode_ll = out
         n = len(ref_pos)
-        if pos.shape != (n, 2) or cov.shape != (n, 2, 2) or ll.shape != (n, 2):
-            raise HeimdallError(f"ONNX output shapes {pos.shape}, {cov.shape}, {ll.shape} for a batch of {n}")
+        expected = (ref_pos, ref_cov, ref_ll, ref_prob, ref_w, ref_mode, ref_mode_cov, ref_mode_ll)
+        if [o.shape for o in out] != [e.shape for e in expected]:
+            raise HeimdallError(f"ONNX output shapes {[o.shape for o in out]} for a batch of {n}")
 
         def absdiff(a, b):
-            d = np.abs(a - b).reshape(n, -1).max(1)
-            return np.where(np.isfinite(d), d, np.inf)
+            diff = np.abs(a - b).reshape(n, -1).max(1)
+            return np.where(np.isfinite(diff), diff, np.inf)
 
-        pos_m.append(absdiff(pos, ref_pos))
-        d_cov = absdiff(cov, ref_cov)
-        cov_m2.append(d_cov)
-        cov_rel.append(d_cov / np.maximum(np.abs(ref_cov).reshape(n, -1).max(1), 1e-30))
-        ll_deg.append(absdiff(ll, ref_ll))
+        def rel(a, b):  # per session, relative to its largest |element|
+            return absdiff(a, b) / np.maximum(np.abs(b).reshape(n, -1).max(1), 1e-30)
+
+        d["pos_m"].append(absdiff(pos, ref_pos))
+        d["cov_m2"].append(absdiff(cov, ref_cov))
+        d["cov_rel"].append(rel(cov, ref_cov))
+        d["ll"].append(absdiff(ll, ref_ll))
         finite = np.isfinite(pos).all(1)
-        ref = np.full((n, 2), np.nan)
-        ref[finite] = ground_latlon(pos[finite, 0], pos[finite, 1], origin)
-        geod.append(absdiff(ll, ref))
-    cat = lambda parts: float(np.concatenate(parts).max()) if parts else 0.0  # noqa: E731
+        ground = np.full((n, 2), np.nan)
+        ground[finite] = ground_latlon(pos[finite, 0], pos[finite, 1], origin)
+        d["geod"].append(absdiff(ll, ground))
+        d["prob"].append(absdiff(prob, ref_prob))
+        # the search regions each runtime's probabilities give (predict's post-processing)
+        ref_area = regions.hpd_thresholds(ref_prob, mass)[1] * cell_km2
+        area = np.full_like(ref_area, np.inf)
+        ok = np.isfinite(prob).all(1) & (prob.sum(1) > 0)
+        area[ok] = regions.hpd_thresholds(prob[ok], mass)[1] * cell_km2
+        slack = np.maximum(np.abs(area - ref_area) - cell_km2 * 1.001, 0.0)
+        d["area"].append((slack / ref_area).max(1))
+        # modes of (nearly) equal weight may come in either order: compare each with its counterpart
+        perm = _matching(mode, ref_mode)
+        w, mode, mode_cov, mode_ll = (np.take_along_axis(a, perm.reshape(n, -1, *([1] * (a.ndim - 2))), 1)
+                                      for a in (w, mode, mode_cov, mode_ll))
+        d["weight"].append(absdiff(w, ref_w))
+        d["mode_m"].append(absdiff(mode, ref_mode))
+        d["mode_cov_rel"].append(rel(mode_cov, ref_mode_cov))
+        d["mode_ll"].append(absdiff(mode_ll, ref_mode_ll))
+    cat = {k: float(np.concatenate(v).max()) if v else 0.0 for k, v in d.items()}
     out = {
         "n_sessions": int(len(idx)),
-        "position_km": cat(pos_m) / 1e3,
-        "covariance_rel": cat(cov_rel),
-        "latlon_deg": cat(ll_deg),
-        "position_m": cat(pos_m),
-        "covariance_m2": cat(cov_m2),
-        "geodesy_max_err_deg": cat(geod),
+        "position_km": cat["pos_m"] / 1e3,
+        "covariance_rel": cat["cov_rel"],
+        "latlon_deg": cat["ll"],
+        "cell_probability": cat["prob"],
+        "region_area_rel": cat["area"],
+        "mode_weight": cat["weight"],
+        "mode_km": cat["mode_m"] / 1e3,
+        "mode_covariance_rel": cat["mode_cov_rel"],
+        "mode_latlon_deg": cat["mode_ll"],
+        "position_m": cat["pos_m"],
+        "covariance_m2": cat["cov_m2"],
+        "geodesy_max_err_deg": cat["geod"],
     }
-    out["max_abs_diff"] = max(out["position_km"], out["covariance_rel"], out["latlon_deg"])
+    out["max_abs_diff"] = max(out[k] for k in GATED)
     return out

@@ -14,12 +14,13 @@ from heimdall.contracts import INPUT_NAMES, OUTPUT_NAMES
 from heimdall.errors import HeimdallError
 
 ONNX_FORMAT = "heimdall.localization-net.onnx"
-ONNX_FORMAT_VERSION = 1
+# 2: search regions and modes (cell_probability ... mode_latlon), metadata 'grid' and 'regions'
+ONNX_FORMAT_VERSION = 2
 # the graph's lat/lon vs heimdall.geo from its own ENU output (parity gate; recorded in the metadata)
 GEODESY_TOL_DEG = 1e-7
 # metadata_props keys whose values are JSON documents (the others are plain strings)
 JSON_METADATA_KEYS = ("origin", "receivers", "normalization", "model_config", "frontend", "inputs", "outputs",
-                      "parity")
+                      "parity", "grid", "regions")
 
 
 def make_session(model: bytes | str | Path, intra_op_threads: int | None = None, providers=("CPUExecutionProvider",)):

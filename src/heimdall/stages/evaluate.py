@@ -19,18 +19,25 @@ from heimdall import baselines, regions, tracking
 from heimdall.atomic import md5_file, write_json
 from heimdall.calibration import model_grid_cells
 from heimdall.checkpoint import check_features_match, load_checkpoint
+from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
-from heimdall.plots import map_sessions, write_evaluation_plots, write_search_region_map, write_search_region_plots
-from heimdall.model import LocalizationNet, estimate, grid_log_posterior
+from heimdall.model import LocalizationNet, estimate
 from heimdall.params import Params
+from heimdall.plots import (
+    MAP_LEVELS,
+    map_sessions,
+    write_evaluation_plots,
+    write_search_region_map,
+    write_search_region_plots,
+)
 from heimdall.radiomap import RadioMapGrid, true_map_sigma_db
 
 BASELINES = ("knn", "ml_logdistance", "kriged_map", "oracle")
 # The headline table `dvc metrics show` prints: one file per method, the same few columns each.
-COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5km", "coverage_2sigma",
-                "coverage_hpd90", "area_hpd90_km2", "coverage_ellipse90", "area_ellipse90_km2")
+COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5km", "frac_top_mode_within_5km",
+                "coverage_2sigma", "coverage_hpd90", "area_hpd90_km2", "coverage_ellipse90", "area_ellipse90_km2")
 
 
 def model_grid(model: LocalizationNet) -> tuple[float, float, float, int, int]:
@@ -49,42 +56,66 @@ def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
                         sigma_db=model.map_sigma_db.double().numpy())
 
 
-def _hpd(logit_batches, truth_cell: np.ndarray, temperature: float, cell_km2: float, levels
+def _hpd(logit_batches, truth_cell: np.ndarray, temperature: float, mass: np.ndarray, cell_km2: float
          ) -> tuple[np.ndarray, np.ndarray]:
-    """HPD regions of softmax(logits / temperature): (area_km2 (N, L), covered (N, L))."""
-    n_cells, covered = regions.tempered_hpd_regions(logit_batches, truth_cell, [temperature], levels)
+    """HPD regions of softmax(logits / temperature) holding ``mass`` (L,): (area_km2 (N, L), covered (N, L))."""
+    n_cells, covered = regions.tempered_hpd_regions(logit_batches, truth_cell, [temperature], mass)
     return n_cells[0] * cell_km2, covered[0]
 
 
-def _keeping_rows(batches, rows: np.ndarray, kept: dict):
-    """Yield ``batches`` (b, G) as they are, storing the rows at positions ``rows`` (over all
-    batches) in ``kept`` {position: row}: a few sessions' logits, without a second pass."""
+def model_posteriors(model: LocalizationNet, features, idx: np.ndarray, shown: np.ndarray | None = None):
+    """One pass of ``model.locate`` over sessions ``idx``: its search regions at every
+    RELIABILITY_LEVELS (the calibrated masses, computed as ``heimdall predict`` does from the cell
+    probabilities) and its modes. Returns ``(area_km2 (N, L), covered (N, L), modes (weight (N, K),
+    mean (N, K, 2)), {position in idx: cell probabilities (G,)} for the positions in ``shown``)``."""
+    import torch
+
+    target = features.target_enu_m[idx]
+    truth, cell_km2 = model_grid_cells(model, target)
+    mass = model.region_mass.double().numpy()
+    shown = np.asarray([] if shown is None else shown, dtype=np.int64)
+    n_cells, covered, weights, means, kept = [], [], [], [], {}
     s = 0
-    for lg in batches:
-        for r in rows[(rows >= s) & (rows < s + len(lg))]:
-            kept[int(r)] = np.array(lg[r - s])
-        s += len(lg)
-        yield lg
+    with torch.no_grad():
+        for inputs in features.input_batches(idx):
+            _, _, prob, weight, mean, _ = (t.double().numpy() for t in model.locate(*inputs))
+            n, c = regions.hpd_regions(prob, truth[s:s + len(prob)], mass)
+            n_cells.append(n)
+            covered.append(c)
+            weights.append(weight)
+            means.append(mean)
+            kept.update({int(r): prob[r - s] for r in shown[(shown >= s) & (shown < s + len(prob))]})
+            s += len(prob)
+    return (np.concatenate(n_cells) * cell_km2, np.concatenate(covered),
+            (np.concatenate(weights), np.concatenate(means)), kept)
+
+
+def mode_metrics(weight: np.ndarray, mean: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """How useful the published modes are: how often the most probable one (and any one) lies
+    within 5 km of the truth, how many hold at least 1 % of the mass, and how much mass they hold."""
+    used = weight >= 0.01
+    dist = np.linalg.norm(mean - target[:, None, :], axis=2)
+    return {"frac_top_mode_within_5km": float(np.mean(dist[:, 0] < 5e3)),
+            "frac_any_mode_within_5km": float(np.mean(((dist < 5e3) & used).any(1))),
+            "mean_modes_over_1pct": float(used.sum(1).mean()), "mean_top_weight": float(weight[:, 0].mean()),
+            "mean_elsewhere": float(np.clip(1.0 - weight.sum(1), 0.0, 1.0).mean())}
 
 
 def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.ndarray, cov: np.ndarray,
-                   min_snr_db: float | None, shown: np.ndarray | None = None,
-                   shown_prob: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                   min_snr_db: float | None, shown: np.ndarray | None = None) -> tuple[dict, dict, dict]:
     """Search regions on sessions ``idx`` (heimdall.regions, docs/model.md "Search regions"):
-    the model's HPD regions on its map grid at its calibrated region temperature, the ellipses of
-    its Gaussian summary (mean, cov), and on synthetic data the oracle's HPD regions on the same
-    grid cells. Returns (the test.json section, {method: observed coverage at
-    regions.RELIABILITY_LEVELS} for the reliability diagram). ``shown`` (positions in ``idx``):
-    sessions whose calibrated cell probabilities (G,) are stored in ``shown_prob`` {position: prob},
-    taken from the same pass over the posterior (for the search-region map).
+    the model's calibrated HPD regions on its map grid, its modes, the ellipses of its Gaussian
+    summary (mean, cov), and on synthetic data the oracle's HPD regions on the same grid cells.
+    Returns (the test.json section, {method: observed coverage at RELIABILITY_LEVELS} for the
+    reliability diagram, {position in idx: calibrated cell probabilities} for ``shown`` positions).
 
     Oracle posterior: the simulator's true mean map evaluated at the model's cell centres, the
     fading sigma per receiver estimated from the training split (as the oracle baseline does),
     the same TX-power profiling (heimdall.txpower), a flat prior; calibrated the same way as the
-    model: its region temperature is chosen on the validation split's oracle posteriors
-    (regions.choose_region_temperature) and applied to ``idx``.
+    model on the validation split's oracle posteriors: region temperature
+    (regions.choose_region_temperature), then one mass per level (regions.conformal_masses).
     """
-    levels = regions.RELIABILITY_LEVELS
+    levels = RELIABILITY_LEVELS
     head = [levels.index(p) for p in regions.LEVELS]
     target = features.target_enu_m[idx]
     area_m2, inside = regions.gaussian_regions(mean, cov, target, levels)
@@ -92,18 +123,12 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
     section: dict = {"levels": list(regions.LEVELS)}
     if not model.has_map:  # no grid: only the Gaussian's ellipses
         return ({**section, "gaussian_ellipse": regions.summarise(area_m2[:, head] / 1e6, inside[:, head])},
-                {"gaussian_ellipse": inside.mean(0)})
+                {"gaussian_ellipse": inside.mean(0)}, {})
     truth, cell_km2 = model_grid_cells(model, target)
-    temperatures = {"model_hpd": float(model.region_temperature)}
-    kept: dict[int, np.ndarray] = {}
-    logits = grid_log_posterior(model, features.input_batches(idx))
-    if shown is not None:
-        logits = _keeping_rows(logits, np.asarray(shown, dtype=np.int64), kept)
-    found["model_hpd"] = _hpd(logits, truth, temperatures["model_hpd"], cell_km2, levels)
-    if shown_prob is not None and kept:
-        rows = sorted(kept)
-        prob = regions.tempered_probabilities(np.stack([kept[r] for r in rows]), temperatures["model_hpd"])
-        shown_prob.update(zip(rows, prob))
+    area, covered, (weight, mode_mean), kept = model_posteriors(model, features, idx, shown)
+    found["model_hpd"] = (area, covered)
+    calibration = {"model_hpd": {"temperature": float(model.region_temperature),
+                                 "mass": model.region_mass.double().numpy()[head].round(6).tolist()}}
     if features.scenario_json() is not None:
         from heimdall.params import ScenarioParams
         from heimdall.simulator import Scenario
@@ -121,13 +146,16 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
 
         va = features.indices("val")
         val_truth, _ = model_grid_cells(model, features.target_enu_m[va])
-        temperatures["oracle_hpd"] = regions.choose_region_temperature(oracle_logits(va), val_truth)["temperature"]
-        found["oracle_hpd"] = _hpd(oracle_logits(idx), truth, temperatures["oracle_hpd"], cell_km2, levels)
+        tau = regions.choose_region_temperature(oracle_logits(va), val_truth)["temperature"]
+        mass = regions.conformal_masses(oracle_logits(va), val_truth, tau, levels)
+        found["oracle_hpd"] = _hpd(oracle_logits(idx), truth, tau, mass, cell_km2)
+        calibration["oracle_hpd"] = {"temperature": tau, "mass": mass[head].round(6).tolist()}
     section = {**section, "cell_area_km2": cell_km2,
                "frac_truth_outside_grid": float(np.mean(truth < 0)),
-               "region_temperature": temperatures,
-               **{name: regions.summarise(a[:, head], c[:, head], regions.LEVELS) for name, (a, c) in found.items()}}
-    return section, {name: c.mean(0) for name, (_, c) in found.items()}
+               "calibration": calibration,
+               **{name: regions.summarise(a[:, head], c[:, head], regions.LEVELS) for name, (a, c) in found.items()},
+               "modes": mode_metrics(weight, mode_mean, target)}
+    return section, {name: c.mean(0) for name, (_, c) in found.items()}, {"probabilities": kept, "modes": (weight, mode_mean)}
 
 
 def _p90(summary: dict, tag: str) -> dict[str, float]:
@@ -162,9 +190,8 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
     if "crlb_rmse_m" in base:
         test["crlb_rmse_m"] = base["crlb_rmse_m"]
     t = time.perf_counter()
-    shown, shown_prob = map_sessions(len(te)), {}
-    test["search_regions"], reliability = search_regions(model, features, te, mean, cov, rm.min_snr_db,
-                                                         shown, shown_prob)
+    shown = map_sessions(len(te))
+    test["search_regions"], reliability, drawn = search_regions(model, features, te, mean, cov, rm.min_snr_db, shown)
     timings["search_regions_s"] = time.perf_counter() - t
     bad = [k for k, v in tracking.flatten(test).items() if isinstance(v, float) and not np.isfinite(v)]
     if bad:
@@ -173,7 +200,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
     write_json(metrics_dir / "test.json", test)
     sr = test["search_regions"]
     rows = {"model": {**test, **(_p90(sr["model_hpd"], "hpd90") if "model_hpd" in sr else {}),
-                      **_p90(sr["gaussian_ellipse"], "ellipse90")},
+                      **_p90(sr["gaussian_ellipse"], "ellipse90"), **sr.get("modes", {})},
             "network_only": {**test["network_only"], "frac_within_5km": float(np.mean(
         np.linalg.norm(net_mean - target, axis=1) < 5e3))}, **test["baselines"]}
     if "oracle_hpd" in sr:
@@ -183,11 +210,14 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path,
                    {k: round(float(values[k]), 4 if k.startswith(("frac", "coverage")) else 1)
                     for k in COMPARE_KEYS if k in values})
     pngs = write_evaluation_plots(plots_dir, mean, cov, target, features.receiver_enu_m, features.receiver_names, base_errors)
-    pngs += write_search_region_plots(plots_dir, regions.RELIABILITY_LEVELS, reliability)
-    prob = np.stack([shown_prob[int(r)] for r in shown]) if shown_prob else None
+    pngs += write_search_region_plots(plots_dir, RELIABILITY_LEVELS, reliability)
+    kept = drawn.get("probabilities")
+    prob = np.stack([kept[int(r)] for r in shown]) if kept else None
+    modes = tuple(m[shown] for m in drawn["modes"]) if kept else None
+    mass = model.region_mass.double().numpy()[[RELIABILITY_LEVELS.index(p) for p in MAP_LEVELS]]
     pngs.append(write_search_region_map(
         plots_dir, prob, model_grid(model) if prob is not None else None, shown, target[shown], mean[shown],
-        cov[shown], features.receiver_enu_m, features.receiver_names)[0])
+        cov[shown], features.receiver_enu_m, features.receiver_names, masses=mass, modes=modes)[0])
 
     timings["wall_time_s"] = time.perf_counter() - t_start
     tracking.write_timings(metrics_dir / "test.json", timings)

@@ -33,7 +33,7 @@ from heimdall.export.graph import (
     strip_debug_info,
 )
 from heimdall.export.latency import benchmark
-from heimdall.export.parity import parity
+from heimdall.export.parity import GATED, parity
 from heimdall.export.runtime import GEODESY_TOL_DEG, make_session
 
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ def run(ckpt_path: str | Path, features_path: str | Path, onnx_path: str | Path,
     if not diffs["max_abs_diff"] <= max_abs_diff:
         raise HeimdallError(
             f"ONNX parity failed on {diffs['n_sessions']} test sessions: max difference {diffs['max_abs_diff']:.3g} > "
-            f"{max_abs_diff:g} (position {diffs['position_km']:.3g} km, covariance {diffs['covariance_rel']:.3g} "
-            f"relative, lat/lon {diffs['latlon_deg']:.3g} deg); nothing written")
+            f"{max_abs_diff:g} ({', '.join(f'{k} {diffs[k]:.3g}' for k in GATED if diffs[k] > max_abs_diff)}); "
+            "nothing written")
     if not diffs["geodesy_max_err_deg"] <= GEODESY_TOL_DEG:
         raise HeimdallError(f"ONNX lat/lon differs from heimdall.geo by {diffs['geodesy_max_err_deg']:.3g} deg "
                             f"> {GEODESY_TOL_DEG:g}; nothing written")
