@@ -185,6 +185,51 @@ def _save_splits(splits: dict[int, dict], overrides: list[str]) -> None:
     print(f"wrote {save(name, {'overrides': overrides, 'splits': rows}).relative_to(REPO)}")
 
 
+FAMILY_COLUMNS = ("member", "n test", "model mean m", "kNN mean m (k)", "model / kNN", "2σ cov.",
+                  "HPD 50 / 68 / 90 / 95 % cov.", "HPD 90 % median m²")
+
+
+def family_row(name: str, test: dict, ref: dict) -> dict:
+    sr = test["search_regions"]["model_hpd"]
+    return {"member": name, "n_test": test["n_test"], "model_mean_error_m": test["mean_error_m"],
+            "model_median_error_m": test["median_error_m"], "knn_mean_error_m": ref["mean_error_m"], "knn_k": ref["k"],
+            "model_over_knn": test["mean_error_m"] / ref["mean_error_m"], "coverage_2sigma": test["coverage_2sigma"],
+            "hpd_coverage": [sr[k]["coverage"] for k in ("p50", "p68", "p90", "p95")],
+            "hpd90_median_area_m2": sr["p90"]["median_area_km2"] * 1e6}
+
+
+def family_table(rows: list[dict]) -> str:
+    from powder_family import geometric_mean
+
+    out = ["| " + " | ".join(FAMILY_COLUMNS) + " |", "|---|" + "---:|" * (len(FAMILY_COLUMNS) - 1)]
+    for r in rows:
+        out.append(f"| {r['member']} | {r['n_test']} | {r['model_mean_error_m']:.0f} | {r['knn_mean_error_m']:.0f} "
+                   f"({r['knn_k']}) | {r['model_over_knn']:.2f} | {r['coverage_2sigma']:.2f} | "
+                   + " / ".join(f"{c:.2f}" for c in r["hpd_coverage"]) + f" | {r['hpd90_median_area_m2']:,.0f} |")
+    out.append(f"| **geometric mean** | | | | **{geometric_mean(r['model_over_knn'] for r in rows):.2f}** | | | |")
+    return "\n".join(out)
+
+
+def run_family(repo, env, data, extra, only=None) -> list[dict]:
+    """Every member of powder_family: its held-out split, the pipeline, the reference kNN."""
+    import powder_family
+
+    rows = []
+    for name, (overrides, ids) in powder_family.members(data).items():
+        if only and name not in only:
+            continue
+        if ids is not None:
+            path = repo / "splits" / f"{name}.txt"
+            path.write_text("# held out by benchmarks/powder_family.py\n" + "\n".join(ids) + "\n")
+            overrides = ["extract_features.split.strategy=list", f"extract_features.split.test_ids_file=splits/{name}.txt"]
+        _run(exp_command(f"{EXP_NAME}-{name.replace('_', '-')}", extra=(*overrides, *extra)), repo, env, quiet=True)
+        out = read_outputs(repo)
+        ref = powder_family.reference_knn(repo / "data" / "features.h5")
+        rows.append(family_row(name, out["test"], ref))
+        print(family_table(rows), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -198,6 +243,10 @@ def main() -> None:
                         help="extra param override on top of the preset (repeatable), e.g. train.lr=0.001")
     parser.add_argument("--print-exp-command", action="store_true",
                         help="print the `dvc exp run` command of the preset and exit")
+    parser.add_argument("--family", nargs="*", default=None, metavar="MEMBER",
+                        help="run the held-out split family instead (benchmarks/powder_family.py: random, "
+                             "spatial_blocks, month_apr/jul/nov, outer_area, static, walking, cycling, driving; "
+                             "default all) beside the reference kNN; writes benchmarks/results/powder_family.json")
     args = parser.parse_args()
     if args.print_exp_command:
         print(shlex.join(exp_command(extra=tuple(args.set))))
@@ -225,6 +274,14 @@ def main() -> None:
                   "-m", "checkout"], repo, env)
             _run(["heimdall", "db", "import-powder", "--csv", str(csv_path), "--receivers", str(receivers),
                   "--no-progress"], repo, env)
+            if args.family is not None:
+                sys.path.insert(0, str(REPO / "benchmarks"))
+                rows = run_family(repo, env, args.data, tuple(args.set), set(args.family))
+                from _bench import save
+
+                print(f"wrote {save('powder_family', {'overrides': args.set, 'members': rows}).relative_to(REPO)}")
+                print(f"total {time.perf_counter() - started:.0f} s; machine: {machine()}")
+                return
             t0 = time.perf_counter()
             _run(exp_command(extra=tuple(args.set)), repo, env, quiet=True)
             pipeline_s = time.perf_counter() - t0

@@ -29,6 +29,16 @@ def _run_export(params_path, out, capsys):
         ({"scenario.tx_power_dbm": [47, 30]}, "scenario.tx_power_dbm"),
         ({"extract_features.n_mels": 63}, "extract_features.n_mels"),
         ({"extract_features.split.strategy": "alphabetical"}, "extract_features.split.strategy"),
+        ({"extract_features.split.strategy": "time", "extract_features.split.test_from": "last tuesday"},
+         "extract_features.split.test_from"),
+        ({"extract_features.split.strategy": "list"}, "needs test_ids_file"),
+        ({"extract_features.split.strategy": "list", "extract_features.split.test_ids_file": "/etc/passwd"},
+         "extract_features.split.test_ids_file"),
+        ({"extract_features.split.strategy": "list", "extract_features.split.test_ids_file": "splits/../x.txt"},
+         "extract_features.split.test_ids_file"),
+        ({"extract_features.split.strategy": "area", "extract_features.split.test_area": [41, -111, 40, -110]},
+         "extract_features.split.test_area"),
+        ({"extract_features.split.test_area": [40, -112, 41, -111]}, "only apply to strategy 'area'"),
     ],
 )
 def test_bad_param_is_one_line_error_and_no_output(make_params, tmp_path, capsys, override, expected):

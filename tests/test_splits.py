@@ -74,3 +74,58 @@ def test_too_few_groups_is_a_clear_error():
     with pytest.raises(HeimdallError, match="empty"):
         assign_split("spatial_blocks", target_enu_m=pos, group_id=np.array(["a"] * 10),
                      val_fraction=0.15, test_fraction=0.15, block_size_m=1000.0, seed=0)
+
+
+def _timed(n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    pos = rng.uniform(0, 20_000, (n, 2))
+    t = 1.6e9 + np.sort(rng.uniform(0, 120 * 86400, n))  # 2020-09-13 ... 2021-01-11
+    ids = np.array([f"s{i:04d}".encode() for i in range(n)], dtype=object)  # as h5py reads str datasets
+    latlon = np.c_[40 + pos[:, 1] / 111_000, -111 + pos[:, 0] / 85_000]
+    return dict(target_enu_m=pos, group_id=ids, val_fraction=0.15, test_fraction=0.2, block_size_m=2_000.0, seed=3,
+                start_time_unix_s=t, session_id=ids, target_latlon=latlon)
+
+
+def test_time_holds_out_the_future_and_validates_on_the_recent_past():
+    """strategy time without bounds: test = the latest 20 %, val = the latest 15 % of the rest, so
+    train < val < test in time; with bounds: exactly the sessions in [test_from, test_until)
+    (a date is midnight UTC), val still the latest of the rest."""
+    kw = _timed()
+    t = kw["start_time_unix_s"]
+    split = assign_split("time", **kw)
+    tr, va, te = (t[split == SPLIT_CODES[k]] for k in ("train", "val", "test"))
+    assert len(te) == 200 and len(va) == 150 and tr.max() < va.min() < va.max() < te.min()
+    split = assign_split("time", **kw, test_from="2020-10-01", test_until="2020-10-15T00:00:00+00:00")
+    lo, hi = 1601510400.0, 1602720000.0  # 2020-10-01 / 2020-10-15 UTC
+    np.testing.assert_array_equal(split == SPLIT_CODES["test"], (t >= lo) & (t < hi))
+    rest = split != SPLIT_CODES["test"]
+    assert t[rest & (split == SPLIT_CODES["val"])].min() > t[rest & (split == SPLIT_CODES["train"])].max()
+    with pytest.raises(HeimdallError, match="not before"):
+        assign_split("time", **kw, test_from="2020-10-15", test_until="2020-10-01")
+
+
+def test_area_and_list_hold_out_exactly_what_they_name(tmp_path, caplog):
+    """area: test = the transmitters inside the box; list: the ids in the file (comments and blank
+    lines ignored; unknown ids counted in a warning, not fatal); val comes from whole spatial blocks
+    of the rest, never from test."""
+    kw = _timed()
+    ll = kw["target_latlon"]
+    box = (40.05, -110.9, 40.2, -110.7)
+    split = assign_split("area", **kw, test_area=box)
+    inside = (ll[:, 0] >= box[0]) & (ll[:, 0] <= box[2]) & (ll[:, 1] >= box[1]) & (ll[:, 1] <= box[3])
+    assert inside.sum() > 50
+    np.testing.assert_array_equal(split == SPLIT_CODES["test"], inside)
+    assert 0.1 < (split == SPLIT_CODES["val"]).mean() < 0.2
+    ids_file = tmp_path / "held.txt"
+    ids_file.write_text("# held out\ns0003\n\ns0500  # a comment\ns0999\nnot-a-session\n")
+    with caplog.at_level("WARNING"):
+        split = assign_split("list", **kw, test_ids_file=str(ids_file))
+    assert np.flatnonzero(split == SPLIT_CODES["test"]).tolist() == [3, 500, 999]
+    assert "1 of its 4 session ids are not in the sessions file" in caplog.text
+    blocks = [tuple(b) for b in np.floor(kw["target_enu_m"] / 2_000.0).astype(int)]
+    val_blocks = {b for b, s in zip(blocks, split) if s == SPLIT_CODES["val"]}
+    train_blocks = {b for b, s in zip(blocks, split) if s == SPLIT_CODES["train"]}
+    assert val_blocks and not val_blocks & train_blocks
+    ids_file.write_text("nobody\n")
+    with pytest.raises(HeimdallError, match="test split empty"):
+        assign_split("list", **kw, test_ids_file=str(ids_file))

@@ -133,12 +133,66 @@ class ExportSessionsParams(_Section):
         return int(round(self.sample_rate_hz * self.duration_s))
 
 
+SPLITS_DIR = "splits"  # held-out lists (split.strategy: list) live here: extract_features depends on it
+
+
 class SplitParams(_Section):
-    strategy: Literal["random", "spatial_blocks", "by_group"]
+    """How sessions are assigned to train / val / test (heimdall.splits; docs/params.md)."""
+
+    strategy: Literal["random", "spatial_blocks", "by_group", "time", "area", "list"]
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
     block_size_km: PositiveFloat = 10.0
     seed: int = Field(ge=0)
+    # strategy: time — test = sessions starting in [test_from, test_until) (ISO 8601; either may be
+    # left out; neither: the latest test_fraction of sessions)
+    test_from: str | None = None
+    test_until: str | None = None
+    # strategy: area — test = transmitters inside [lat_min, lon_min, lat_max, lon_max] (degrees)
+    test_area: tuple[float, float, float, float] | None = None
+    # strategy: list — test = the session ids in this file (one per line), a file under splits/
+    test_ids_file: str | None = None
+
+    @field_validator("test_from", "test_until")
+    @classmethod
+    def _iso_time(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an ISO 8601 date or datetime (e.g. 2022-11-01)") from None
+        return v
+
+    @field_validator("test_area")
+    @classmethod
+    def _box(cls, v):
+        if v is not None:
+            lat_min, lon_min, lat_max, lon_max = v
+            if not (-90 <= lat_min < lat_max <= 90 and -180 <= lon_min < lon_max <= 180):
+                raise ValueError(f"{list(v)} is not [lat_min, lon_min, lat_max, lon_max] in degrees with min < max")
+        return v
+
+    @field_validator("test_ids_file")
+    @classmethod
+    def _under_splits(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = Path(v).parts
+            if Path(v).is_absolute() or len(parts) < 2 or parts[0] != SPLITS_DIR or ".." in parts:
+                raise ValueError(f"{v!r} must be a file under {SPLITS_DIR}/ (a dependency of extract_features, so "
+                                 "that editing the list reruns the pipeline)")
+        return v
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> "SplitParams":
+        needs = {"area": ("test_area", self.test_area), "list": ("test_ids_file", self.test_ids_file)}
+        if self.strategy in needs and needs[self.strategy][1] is None:
+            raise ValueError(f"strategy '{self.strategy}' needs {needs[self.strategy][0]}")
+        unused = [k for k, strat in (("test_from", "time"), ("test_until", "time"), ("test_area", "area"),
+                                     ("test_ids_file", "list")) if getattr(self, k) is not None and self.strategy != strat]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only apply to strategy "
+                             f"'{ {'test_area': 'area', 'test_ids_file': 'list'}.get(unused[0], 'time') }', not '{self.strategy}'")
+        return self
 
 
 class ExtractFeaturesParams(_Section):

@@ -91,6 +91,13 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
         test_fraction=p.split.test_fraction,
         block_size_m=p.split.block_size_km * 1e3,
         seed=p.split.seed,
+        start_time_unix_s=sess["start_time_unix_s"],
+        session_id=sess["session_id"],
+        target_latlon=np.stack([sess["tx_latitude_deg"], sess["tx_longitude_deg"]], 1),
+        test_from=p.split.test_from,
+        test_until=p.split.test_until,
+        test_area=p.split.test_area,
+        test_ids_file=p.split.test_ids_file,
     )
     is_train = split == c.SPLIT_CODES["train"]
 
