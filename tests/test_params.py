@@ -94,3 +94,16 @@ def test_help_for_every_verb():
     for verb in ("export-sessions", "extract-features", "validate"):
         proc = subprocess.run([sys.executable, "-m", "heimdall", verb, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "--params" in proc.stdout
+
+
+def test_split_dates_survive_yaml_and_dvc_set(make_params, tmp_path):
+    """An unquoted date (what `dvc exp run -S extract_features.split.test_from=2022-11-01` writes) is
+    read by YAML as a date: it is accepted and kept as its ISO text, and the split uses it."""
+    from heimdall.params import load_params
+
+    path = make_params(**{"extract_features.split.strategy": "time"})
+    text = path.read_text().replace("test_from: null", "test_from: 2022-11-01").replace(
+        "test_until: null", "test_until: 2022-12-01T06:00:00+01:00")
+    path.write_text(text)
+    split = load_params(path).extract_features.split
+    assert (split.test_from, split.test_until) == ("2022-11-01", "2022-12-01T06:00:00+01:00")

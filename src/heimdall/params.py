@@ -6,7 +6,7 @@ lists every problem by its dotted key path (``export_sessions.n_sessions: ...``)
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -152,6 +152,12 @@ class SplitParams(_Section):
     test_area: tuple[float, float, float, float] | None = None
     # strategy: list — test = the session ids in this file (one per line), a file under splits/
     test_ids_file: str | None = None
+
+    @field_validator("test_from", "test_until", mode="before")
+    @classmethod
+    def _yaml_date(cls, v):
+        # YAML (and so `dvc exp run -S key=2022-11-01`) reads an unquoted date as a date: keep its text
+        return v.isoformat() if isinstance(v, (date, datetime)) else v
 
     @field_validator("test_from", "test_until")
     @classmethod
