@@ -17,13 +17,14 @@ import numpy as np
 
 from heimdall.kriging import fit_kriged_map
 from heimdall.radiomap import (
-    free_space_loss_1km_db,
     DEFAULT_FIT_MIN_SNR_DB,
     DEFAULT_GRID_MARGIN_M,
     DEFAULT_GRID_SPACING_M,
     RadioMapGrid,
     bounds_around,
     fit_log_distance,
+    free_space_loss_1km_db,
+    mapped_receivers,
     usable_mask,
 )
 from heimdall.txpower import profile_tx_power
@@ -350,16 +351,18 @@ def baseline_suite(
         k = 5
     score("knn", knn(rss[tr], present[tr], pos[tr], rss[te], present[te], k), started, k=k)
 
+    # the maps are fitted on the receivers the training sessions heard often enough (as the model's)
+    m = mapped_receivers(present[tr], snr[tr], fit_min_snr_db)
     started = time.perf_counter()
-    law = fit_log_distance(rss[tr], present[tr], rx_enu, pos[tr], snr[tr], fit_min_snr_db, anchor)
-    score_map("ml_logdistance", RadioMapGrid.from_fitted(law, bounds, spacing_m), started,
+    law = fit_log_distance(rss[tr][:, m], present[tr][:, m], rx_enu[m], pos[tr], snr[tr][:, m], fit_min_snr_db, anchor)
+    score_map("ml_logdistance", RadioMapGrid.from_fitted(law, bounds, spacing_m).expanded(m), started,
               exponent=law.exponent)
 
     started = time.perf_counter()
     if kriged_grid is None:
-        kriged = fit_kriged_map(rss[tr], present[tr], rx_enu, pos[tr], snr[tr], fit_min_snr_db, anchor,
-                                n_iterations=kriging_iterations, seed=seed)
-        kriged_grid = RadioMapGrid.from_fitted(kriged, bounds, spacing_m)
+        kriged = fit_kriged_map(rss[tr][:, m], present[tr][:, m], rx_enu[m], pos[tr], snr[tr][:, m], fit_min_snr_db,
+                                anchor, n_iterations=kriging_iterations, seed=seed)
+        kriged_grid = RadioMapGrid.from_fitted(kriged, bounds, spacing_m).expanded(m)
     score_map("kriged_map", kriged_grid, started)
 
     if d.get("scenario_json") is not None:

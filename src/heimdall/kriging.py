@@ -6,6 +6,7 @@ Positions are ENU metres; GP internals work in kilometres so the kernel hyper-pa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,20 +14,26 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve, solve_triangular
 from scipy.spatial.distance import cdist
 
+from heimdall.errors import HeimdallError
 from heimdall.radiomap import (
-    free_space_loss_1km_db,
     DEFAULT_FIT_MIN_SNR_DB,
+    MIN_MAP_READINGS,
+    UNMAPPED_SIGMA_DB,
     Bounds,
     LogDistanceModel,
     RadioMapGrid,
     bounds_around,
     fit_log_distance,
+    free_space_loss_1km_db,
+    mapped_receivers,
     power_and_residual,
     usable_mask,
 )
 
 if TYPE_CHECKING:
     from heimdall.data import FeatureSet
+
+log = logging.getLogger(__name__)
 
 # Rows of the (points x training points) kernel matrix evaluated at once when predicting a GP:
 # 4096 x ~4000 float64 is ~130 MB.
@@ -232,8 +239,16 @@ def fit_training_map(features: FeatureSet, spacing_m: float, margin_m: float, mi
                               features.present[tr], features.target_enu_m[tr])
     # anchor the map at free-space loss so the profiled power reads as TX power in dBm
     anchor = -free_space_loss_1km_db(float(np.median(features.frequency_hz)) / 1e6)
-    kriged = fit_kriged_map(rss, present, features.receiver_enu_m, pos, snr, min_snr_db, anchor, seed=seed)
-    return RadioMapGrid.from_fitted(kriged, bounds_around(pos, margin_m), spacing_m)
+    mapped = mapped_receivers(present, snr, min_snr_db)
+    if mapped.sum() < 3:
+        raise HeimdallError(f"train: only {int(mapped.sum())} receivers have {MIN_MAP_READINGS} or more usable "
+                            "training readings; the radio map needs 3 (more training sessions, or another split)")
+    if not mapped.all():
+        log.warning("train: no map for receivers %s (fewer than %d usable training readings): their readings are "
+                    "ignored", [str(n) for n, m in zip(features.receiver_names, mapped) if not m], MIN_MAP_READINGS)
+    kriged = fit_kriged_map(rss[:, mapped], present[:, mapped], features.receiver_enu_m[mapped], pos, snr[:, mapped],
+                            min_snr_db, anchor, seed=seed)
+    return RadioMapGrid.from_fitted(kriged, bounds_around(pos, margin_m), spacing_m).expanded(mapped)
 
 
 def training_power_range(grid: RadioMapGrid, features: FeatureSet, lo_pct=1.0, hi_pct=99.0) -> tuple[float, float]:
@@ -241,6 +256,7 @@ def training_power_range(grid: RadioMapGrid, features: FeatureSet, lo_pct=1.0, h
     profiled at their true positions (no ground-truth power needed)."""
     tr = features.indices("train")
     pos, rss, present = features.target_enu_m[tr], features.rss_dbm[tr].astype(np.float64), features.present[tr]
+    present = present & (grid.sigma_db < UNMAPPED_SIGMA_DB)  # receivers without a map say nothing
     power, _ = power_and_residual(rss, grid.sample(pos[:, 0], pos[:, 1]), present)
     power = power[np.isfinite(power)]
     return float(np.percentile(power, lo_pct)), float(np.percentile(power, hi_pct))

@@ -69,6 +69,9 @@ class ModelConfig:
     # of the present receivers' positions plus the head's offset (a weighted centroid: generalises to
     # areas without training sessions, where a direct regressor extrapolates poorly).
     head: str = "direct"
+    # "scale": when no cell explains the readings (best cell's chi-square per degree of freedom > 1, e.g.
+    # a receiver's gain moved), divide the likelihood cost by that ratio (a per-session noise scale)
+    misfit: str = "none"
 
 
 class LocalizationNet(nn.Module):
@@ -83,6 +86,8 @@ class LocalizationNet(nn.Module):
             raise ValueError(f"model.inputs must be spectrogram, scalars or both, got {c.inputs!r}")
         if c.head not in ("direct", "receivers"):
             raise ValueError(f"model.head must be direct or receivers, got {c.head!r}")
+        if c.misfit not in ("none", "scale"):
+            raise ValueError(f"model.misfit must be none or scale, got {c.misfit!r}")
         n = normalization
         # Positions are normalised with one isotropic scale so covariances stay metric.
         pos_scale = torch.sqrt((n["target_std_m"].double() ** 2).mean()).float()
@@ -116,6 +121,9 @@ class LocalizationNet(nn.Module):
         if radio_map is not None:
             self.register_buffer("map_mean_db", radio_map["mean_db"].float().clone())  # (R, G) at 0 dBm TX
             self.register_buffer("map_sigma_db", radio_map["sigma_db"].float().clone())  # (R,)
+            # receivers the training sessions did not map (radiomap.UNMAPPED_SIGMA_DB): never in the
+            # network's input either (their embeddings never learned anything)
+            self.register_buffer("receiver_mapped", (self.map_sigma_db < 1e3).float(), persistent=False)
             grid = radio_map["grid_enu_m"].float()  # (G, 2), stored as two planes (see likelihood_cost)
             self.register_buffer("grid_east_m", grid[:, 0].clone())
             self.register_buffer("grid_north_m", grid[:, 1].clone())
@@ -148,11 +156,16 @@ class LocalizationNet(nn.Module):
         self.register_buffer("region_mass", torch.tensor(RELIABILITY_LEVELS, dtype=torch.float32))
         self.region_columns = [RELIABILITY_LEVELS.index(p) for p in REGION_LEVELS]  # the published levels
 
+    def _mapped(self, present, receiver_id):
+        """present (float), less the receivers without a map (a model without a map: unchanged)."""
+        present = present.float()
+        return present * self.receiver_mapped[receiver_id] if self.has_map else present
+
     # -- the network ------------------------------------------------------------------------
     def network(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
         """Network-only Gaussian in normalised position units: (mean (B,2), chol (B,2,2))."""
         b, r = rss_dbm.shape
-        present = present.float()
+        present = self._mapped(present, receiver_id)
         has_iq = has_iq.float() * present
         rss = (rss_dbm - self.rss_mean_dbm) / self.rss_std_db * present
         snr = (snr_db - self.snr_mean_db) / self.snr_std_db * present * self.snr_weight
@@ -204,13 +217,22 @@ class LocalizationNet(nn.Module):
         """(B, G) chi-square of the readings at every grid cell, TX power profiled out."""
         # Every present reading counts, weak ones too: "this receiver barely hears it" is information
         # (measured: dropping readings below 10 dB SNR doubled the oracle's median error).
-        weight = present.float() / (self.map_sigma_db[receiver_id] ** 2)  # (B, R)
+        present = self._mapped(present, receiver_id)
+        weight = present / (self.map_sigma_db[receiver_id] ** 2)  # (B, R)
         resid = rss_dbm[..., None] - self.map_mean_db[receiver_id]  # (B, R, G)
         power, chi2 = profile_tx_power(resid, weight)
         # A cell that needs an implausible TX power to explain the readings is unlikely: a soft
         # prior, flat inside the training sessions' power range and Gaussian (3 dB) outside.
         outside = F.relu(self.power_range_dbm[0] - power) + F.relu(power - self.power_range_dbm[1])
-        return chi2 + (outside / 3.0) ** 2
+        cost = chi2 + (outside / 3.0) ** 2
+        if self.config.misfit == "scale":
+            # The map's σ was fitted where it was trained. Readings that no cell explains (a receiver's
+            # gain moved, another season) would otherwise make a confidently wrong posterior: estimate
+            # the session's noise scale from the best cell's misfit per degree of freedom (TX power is
+            # one fitted parameter) and widen by it; never sharpen (a scale below 1 stays 1).
+            dof = (present.float().sum(1, keepdim=True) - 1.0).clamp_min(1.0)
+            cost = cost / (cost.min(1, keepdim=True).values / dof).clamp_min(1.0)
+        return cost
 
     def posterior_logits(self, cost, prior_mean, prior_cov):
         """(B, G) unnormalised log posterior of every grid cell: the tempered likelihood cost plus

@@ -229,6 +229,9 @@ class ModelParams(_Section):
     n_layers: int = Field(ge=0, le=12)
     dropout: float = Field(ge=0, lt=1)
     head: Literal["direct", "receivers"] = "direct"  # mean: regressed, or receivers' weighted centroid + offset
+    # readings no map cell explains: "none" (trust the map's σ), or "scale" (widen the posterior by the
+    # best cell's misfit per degree of freedom when above 1; docs/model.md "Misfit")
+    misfit: Literal["none", "scale"] = "none"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelParams":

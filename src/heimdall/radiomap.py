@@ -56,6 +56,23 @@ def usable_mask(present: np.ndarray, snr: np.ndarray | None, min_snr_db: float |
     return mask
 
 
+# A receiver the training sessions heard fewer times than this has no learnable map (a receiver added
+# after them, or heard in another season only): its readings are left out of the likelihood (and of
+# the network's input), never fitted from one or two readings.
+MIN_MAP_READINGS = 10
+# sigma_db given to a receiver without a map: weight 1/σ² = 1e-8 of a 1 dB one, i.e. no say
+UNMAPPED_SIGMA_DB = 1e4
+
+
+def mapped_receivers(present: np.ndarray, snr: np.ndarray | None, min_snr_db: float | None,
+                     min_readings: int = MIN_MAP_READINGS) -> np.ndarray:
+    """(R,) bool: receivers with at least ``min_readings`` usable training readings in sessions with
+    two or more (what the map fits use); the others have no map."""
+    usable = usable_mask(present, snr, min_snr_db)
+    usable &= (usable.sum(axis=1) >= 2)[:, None]
+    return usable.sum(axis=0) >= min_readings
+
+
 def receiver_distance_m(east, north, rx_enu: np.ndarray) -> np.ndarray:
     """3-D distance (..., R) from transmitters at ground level (up = 0) to every receiver."""
     east, north = np.asarray(east, dtype=np.float64), np.asarray(north, dtype=np.float64)
@@ -254,6 +271,16 @@ class RadioMapGrid:
         box + ``margin_m``."""
         bounds = bounds or _expand(model.train_bounds_m, margin_m)
         return cls.from_function(model.mean_db, bounds, spacing_m, model.sigma_db)
+
+    def expanded(self, mapped: np.ndarray) -> RadioMapGrid:
+        """This grid of the ``mapped`` receivers (len(mapped) with mapped.sum() == n_receivers) as a grid
+        of all of them: the others get mean 0 dB and sigma UNMAPPED_SIGMA_DB (no say in a likelihood)."""
+        mapped = np.asarray(mapped, dtype=bool)
+        mean = np.zeros((len(mapped), *self.mean_db.shape[1:]), dtype=self.mean_db.dtype)
+        mean[mapped] = self.mean_db
+        sigma = np.full(len(mapped), UNMAPPED_SIGMA_DB)
+        sigma[mapped] = self.sigma_db
+        return RadioMapGrid(self.east0_m, self.north0_m, self.spacing_m, mean, sigma)
 
     @classmethod
     def from_scenario(

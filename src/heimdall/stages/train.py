@@ -38,7 +38,7 @@ def model_config(params: Params, features: FeatureSet) -> ModelConfig:
     return ModelConfig(
         n_receivers=features.n_receivers, n_mels=features.logmel.shape[2], n_frames=features.logmel.shape[3], inputs=m.inputs,
         cnn_width=m.cnn_width, cnn_depth=m.cnn_depth, cnn_pool=m.cnn_pool, d_model=m.d_model, n_heads=m.n_heads,
-        n_layers=m.n_layers, dropout=m.dropout, head=m.head,
+        n_layers=m.n_layers, dropout=m.dropout, head=m.head, misfit=m.misfit,
     )
 
 
