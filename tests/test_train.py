@@ -281,3 +281,38 @@ def test_ddp_strategy_trains_on_two_processes_and_writes_once(tiny_campaign, tmp
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1
+
+
+def test_a_receiver_the_training_sessions_never_heard_is_ignored(tiny_campaign, tmp_path, monkeypatch):
+    """A receiver with no training readings (added after the training campaign, or heard in another
+    season only) gets no map and no say: train succeeds (it crashed with a NaN map before), the
+    checkpoint marks it unmapped, and the model's answers do not depend on what it reports."""
+    import torch
+
+    from heimdall.checkpoint import load_checkpoint
+    from heimdall.data import load_features
+    from heimdall.radiomap import UNMAPPED_SIGMA_DB
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    _, _, features = tiny_campaign
+    edited = tmp_path / "features.h5"
+    shutil.copy(features, edited)
+    with h5py.File(edited, "a") as f:
+        present = f["features/present"][()]
+        split = f["sessions/split"][()]
+        present[split == SPLIT_CODES["train"], 2] = False
+        f["features/present"][...] = present
+    _run(tmp_path, edited)
+    model, _ = load_checkpoint(tmp_path / "models/model.ckpt")
+    assert float(model.map_sigma_db[2]) == UNMAPPED_SIGMA_DB and (model.map_sigma_db.numpy()[[0, 1, 3]] < 100).all()
+    fs = load_features(edited)
+    te = fs.indices("test")
+    inputs = list(fs.model_inputs(te))
+    assert inputs[3][:, 2].sum() > 0  # the receiver reports in test
+    with torch.no_grad():
+        before = model.locate(*inputs)
+        inputs[1] = inputs[1].clone()
+        inputs[1][:, 2] += 25.0  # its gain moved by 25 dB
+        after = model.locate(*inputs)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -198,7 +198,12 @@ def true_map_sigma_db(scenario, rss: np.ndarray, present: np.ndarray, pos: np.nd
     usable = usable_mask(present, snr, min_snr_db)
     true_db = scenario.mean_rss_dbm(pos[:, 0], pos[:, 1], np.zeros(len(pos)))
     _, residual = power_and_residual(np.asarray(rss, dtype=np.float64), true_db, usable)
-    return residual_sigma(residual, usable)
+    sigma = residual_sigma(residual, usable)
+    # a receiver without training readings: the oracle still knows its map; assume typical fading
+    unseen = (usable & (usable.sum(axis=1, keepdims=True) > 1)).sum(axis=0) == 0
+    if unseen.any() and not unseen.all():
+        sigma[unseen] = np.median(sigma[~unseen])
+    return sigma
 
 
 @dataclass
