@@ -233,3 +233,43 @@ def test_posterior_modes_leave_unused_slots_empty():
     np.testing.assert_allclose(mean[0, 0].numpy(), [10e3, 5e3], atol=300.0)
     single = model.posterior_modes(prob[1:2])[0]
     np.testing.assert_allclose(single.numpy(), weight[1:2].numpy(), rtol=1e-6)
+
+
+def _fp_model(k=3, n=200, seed=0):
+    torch.manual_seed(seed)
+    radio_map, rx = _map()
+    rx_enu = torch.cat([rx, torch.zeros(R, 1)], 1)
+    cfg = ModelConfig(n_receivers=R, n_mels=M, n_frames=F_, inputs="both", cnn_width=4, cnn_depth=2, cnn_pool=2,
+                      d_model=16, n_heads=2, n_layers=1, fingerprint_k=k)
+    g = torch.Generator().manual_seed(seed + 1)
+    fp = {"rss_dbm": -95 + 12 * torch.randn(n, R, generator=g), "east_m": torch.rand(n, generator=g) * 100e3 - 50e3,
+          "north_m": torch.rand(n, generator=g) * 80e3 - 40e3, "floor_dbm": torch.tensor(-130.0)}
+    return LocalizationNet(cfg, rx_enu, _norm(), radio_map, fp).eval(), fp
+
+
+def test_fingerprint_evidence_peaks_at_a_repeated_place_and_weight_zero_changes_nothing():
+    """A session whose RSS vector repeats training session j's has its evidence peak in the cell of
+    j's position; with fp_weight 0 the cost equals the same model's without fingerprints; the
+    evidence does not depend on the order of the receiver slots."""
+    model, fp = _fp_model()
+    model.fp_bandwidth_m.fill_(5000.0)
+    j = 17
+    b = 1
+    rss = fp["rss_dbm"][j:j + 1].clone()
+    present = torch.ones(b, R)
+    rid = torch.arange(R).expand(b, R).clone()
+    ev = model.fingerprint_evidence(rss, present, rid)[0]
+    cell = int(ev.argmax())
+    grid = model.grid_enu_m[cell]
+    assert float(torch.hypot(grid[0] - fp["east_m"][j], grid[1] - fp["north_m"][j])) <= 5000 * 0.75
+    perm = torch.randperm(R)
+    torch.testing.assert_close(model.fingerprint_evidence(rss[:, perm], present, rid[:, perm])[0], ev)
+    plain = _model()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fp_")})
+    inputs = _batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.likelihood_cost(inputs[1], inputs[3], inputs[5]),
+                                   plain.likelihood_cost(inputs[1], inputs[3], inputs[5]))
+        model.fp_weight.fill_(1.0)
+        assert not torch.allclose(model.likelihood_cost(inputs[1], inputs[3], inputs[5]),
+                                  plain.likelihood_cost(inputs[1], inputs[3], inputs[5]))

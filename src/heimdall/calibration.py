@@ -79,6 +79,10 @@ def calibrate_refinement(model: LocalizationNet, features: FeatureSet) -> dict:
                 best = (log_err, temp, scale)
     model.likelihood_temperature.fill_(best[1])
     model.prior_scale.fill_(best[2])
+    fingerprint = {}
+    if model.has_fingerprints:  # then the fingerprint evidence's weight and kernel width, the same way
+        fingerprint = _calibrate_fingerprints(model, features, va, pm, pc, chunks, target, best[0])
+        costs = [model.likelihood_cost(x[1], x[3], x[5]) for x in features.input_batches(va, 128)]
 
     # Then the weights of the covariance's two parts (mode neighbourhood / far-away alternatives).
     # Neither moves the point estimate. Errors are heavier-tailed than a Gaussian's (a confidently
@@ -102,7 +106,35 @@ def calibrate_refinement(model: LocalizationNet, features: FeatureSet) -> dict:
     return {"val_nll": final["nll"], "val_median_error_m": final["median_error_m"],
             "val_coverage_1sigma": final["coverage_1sigma"], "val_coverage_2sigma": final["coverage_2sigma"],
             "likelihood_temperature": best[1], "prior_scale": best[2],
-            "cov_scale_local": a, "cov_scale_remote": b, "grid": table}
+            "cov_scale_local": a, "cov_scale_remote": b, **fingerprint, "grid": table}
+
+
+FP_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+FP_BANDWIDTH_CELLS = (1.0, 2.0, 4.0)
+
+
+def _calibrate_fingerprints(model: LocalizationNet, features: FeatureSet, va, pm, pc, chunks, target,
+                            no_fp_log_err: float) -> dict:
+    """fp_weight × fp_bandwidth_m minimising the validation mean log error (weight 0: off, kept unless
+    something beats it)."""
+    spacing = math.sqrt(12.0 * float(model.cell_var_m2))
+    best = (no_fp_log_err, 0.0, spacing)
+    for cells in FP_BANDWIDTH_CELLS:
+        model.fp_bandwidth_m.fill_(cells * spacing)
+        model.fp_weight.fill_(0.0)
+        base = [model.likelihood_cost(x[1], x[3], x[5]) for x in features.input_batches(va, 128)]
+        model.fp_weight.fill_(1.0)
+        unit = [model.likelihood_cost(x[1], x[3], x[5]) - c for x, c in zip(features.input_batches(va, 128), base)]
+        for weight in FP_WEIGHTS[1:]:
+            out = [model.posterior(c + weight * u, pm[sl], pc[sl]) for c, u, sl in zip(base, unit, chunks)]
+            mean = torch.cat([m for m, _ in out]).double().numpy()
+            log_err = float(np.mean(np.log1p(np.linalg.norm(mean - target, axis=1))))
+            if log_err < best[0] - 1e-9:
+                best = (log_err, weight, cells * spacing)
+    model.fp_weight.fill_(best[1])
+    model.fp_bandwidth_m.fill_(best[2])
+    return {"fp_weight": best[1], "fp_bandwidth_m": best[2], "val_mean_log_error_fp": best[0],
+            "val_mean_log_error_no_fp": no_fp_log_err}
 
 
 def model_grid_cells(model: LocalizationNet, target: np.ndarray) -> tuple[np.ndarray, float]:

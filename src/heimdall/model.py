@@ -72,13 +72,16 @@ class ModelConfig:
     # "scale": when no cell explains the readings (best cell's chi-square per degree of freedom > 1, e.g.
     # a receiver's gain moved), divide the likelihood cost by that ratio (a per-session noise scale)
     misfit: str = "none"
+    # > 0: fingerprint evidence from this many nearest training sessions (by RSS vector) joins the
+    # posterior, weighted by the calibrated fp_weight (0 leaves the posterior as it was)
+    fingerprint_k: int = 0
 
 
 class LocalizationNet(nn.Module):
     """See module docstring. All inputs are raw physical units; normalisation is inside."""
 
     def __init__(self, config: ModelConfig, receiver_enu_m: torch.Tensor, normalization: dict[str, torch.Tensor],
-                 radio_map: dict[str, torch.Tensor] | None = None):
+                 radio_map: dict[str, torch.Tensor] | None = None, fingerprints: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.config = config
         c = config
@@ -154,6 +157,18 @@ class LocalizationNet(nn.Module):
         # region of that tempered posterior holding region_mass[j] covers RELIABILITY_LEVELS[j] of the
         # validation truths. Default: mass = level (uncalibrated).
         self.register_buffer("region_mass", torch.tensor(RELIABILITY_LEVELS, dtype=torch.float32))
+        # Fingerprint evidence (config.fingerprint_k > 0, needs the map): the training sessions' RSS
+        # vectors (absent: fp_floor_dbm) and positions; weight and kernel width calibrated on validation.
+        self.has_fingerprints = c.fingerprint_k > 0 and radio_map is not None
+        if self.has_fingerprints:
+            if fingerprints is None:
+                raise ValueError("model.fingerprint_k > 0 needs the training fingerprints")
+            self.register_buffer("fp_rss_dbm", fingerprints["rss_dbm"].float().clone())  # (N, R)
+            self.register_buffer("fp_east_m", fingerprints["east_m"].float().clone())  # (N,)
+            self.register_buffer("fp_north_m", fingerprints["north_m"].float().clone())
+            self.register_buffer("fp_floor_dbm", fingerprints["floor_dbm"].float().reshape(()))
+            self.register_buffer("fp_weight", torch.tensor(0.0))
+            self.register_buffer("fp_bandwidth_m", torch.tensor(1.0))
         self.region_columns = [RELIABILITY_LEVELS.index(p) for p in REGION_LEVELS]  # the published levels
 
     def _mapped(self, present, receiver_id):
@@ -232,7 +247,28 @@ class LocalizationNet(nn.Module):
             # one fitted parameter) and widen by it; never sharpen (a scale below 1 stays 1).
             dof = (present.float().sum(1, keepdim=True) - 1.0).clamp_min(1.0)
             cost = cost / (cost.min(1, keepdim=True).values / dof).clamp_min(1.0)
+        if self.has_fingerprints:
+            # fp_weight · log evidence in the posterior, written as a cost (logits = −cost / 2T)
+            cost = cost - (2.0 * self.likelihood_temperature * self.fp_weight) * self.fingerprint_evidence(
+                rss_dbm, present, receiver_id)
         return cost
+
+    def fingerprint_evidence(self, rss_dbm, present, receiver_id):
+        """(B, G) log evidence of every cell from the ``fingerprint_k`` training sessions nearest in
+        RSS (Euclidean over receivers, absent = fp_floor_dbm; distance-weighted, as fingerprinting
+        does): log Σ_j w_j exp(−|cell − x_j|² / 2h²), max 0. Where training sessions are dense and a
+        session repeats a known place, this is sharper than any map; the map keeps the rest."""
+        present = self._mapped(present, receiver_id)
+        q = torch.where(present > 0, rss_dbm, self.fp_floor_dbm)  # (B, R) in slot order
+        q = torch.zeros_like(q).scatter(1, receiver_id, q)  # in receiver order, as fp_rss_dbm
+        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ self.fp_rss_dbm.T + (self.fp_rss_dbm**2).sum(1)[None]
+        neg, idx = (-d2.clamp_min(0.0)).topk(self.config.fingerprint_k, dim=1)  # (B, k) nearest
+        w = 1.0 / (torch.sqrt(-neg) + 1e-3)
+        log_w = torch.log(w / w.sum(1, keepdim=True))
+        de = self.grid_east_m - self.fp_east_m[idx][..., None]  # (B, k, G)
+        dn = self.grid_north_m - self.fp_north_m[idx][..., None]
+        ev = torch.logsumexp(log_w[..., None] - (de * de + dn * dn) / (2.0 * self.fp_bandwidth_m**2), dim=1)
+        return ev - ev.max(1, keepdim=True).values
 
     def posterior_logits(self, cost, prior_mean, prior_cov):
         """(B, G) unnormalised log posterior of every grid cell: the tempered likelihood cost plus

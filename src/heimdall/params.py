@@ -232,6 +232,8 @@ class ModelParams(_Section):
     # readings no map cell explains: "none" (trust the map's σ), or "scale" (widen the posterior by the
     # best cell's misfit per degree of freedom when above 1; docs/model.md "Misfit")
     misfit: Literal["none", "scale"] = "none"
+    # nearest training sessions whose positions add fingerprint evidence to the posterior (0: off)
+    fingerprint_k: int = Field(default=0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelParams":

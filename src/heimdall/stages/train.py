@@ -38,8 +38,19 @@ def model_config(params: Params, features: FeatureSet) -> ModelConfig:
     return ModelConfig(
         n_receivers=features.n_receivers, n_mels=features.logmel.shape[2], n_frames=features.logmel.shape[3], inputs=m.inputs,
         cnn_width=m.cnn_width, cnn_depth=m.cnn_depth, cnn_pool=m.cnn_pool, d_model=m.d_model, n_heads=m.n_heads,
-        n_layers=m.n_layers, dropout=m.dropout, head=m.head, misfit=m.misfit,
+        n_layers=m.n_layers, dropout=m.dropout, head=m.head, misfit=m.misfit, fingerprint_k=m.fingerprint_k,
     )
+
+
+def training_fingerprints(features: FeatureSet) -> dict[str, torch.Tensor]:
+    """The training split's RSS vectors (absent: 1 dB below the weakest training reading) and positions."""
+    tr = features.indices("train")
+    rss, present = features.rss_dbm[tr].astype(np.float32), features.present[tr]
+    floor = float(rss[present].min()) - 1.0
+    return {"rss_dbm": torch.from_numpy(np.where(present, rss, floor).astype(np.float32)),
+            "east_m": torch.from_numpy(features.target_enu_m[tr, 0].astype(np.float32)),
+            "north_m": torch.from_numpy(features.target_enu_m[tr, 1].astype(np.float32)),
+            "floor_dbm": torch.tensor(floor)}
 
 
 def radio_map_tensors(grid: RadioMapGrid, power_range_dbm: tuple[float, float]) -> dict[str, torch.Tensor]:
@@ -83,7 +94,8 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
 
     norm = {k: torch.from_numpy(np.asarray(v)) for k, v in features.normalization.items()}
     model = LocalizationNet(model_config(params, features), torch.from_numpy(features.receiver_enu_m), norm,
-                            radio_map_tensors(grid, training_power_range(grid, features)))
+                            radio_map_tensors(grid, training_power_range(grid, features)),
+                            training_fingerprints(features) if params.model.fingerprint_k else None)
     module = LocalizationModule(model, tp.lr, tp.weight_decay, tp.max_epochs, tp.augment_power_db,
                                 tp.augment_drop_receiver)
     datamodule = LocalizationDataModule(features, tp.batch_size, params.model.inputs != "scalars", tp.seed)
