@@ -214,6 +214,9 @@ def run_family(repo, env, data, extra, only=None) -> list[dict]:
     """Every member of powder_family: its held-out split, the pipeline, the reference kNN."""
     import powder_family
 
+    # `dvc exp run -S` leaves its values in the workspace's params.yaml: every member sets every split key
+    reset = [f"extract_features.split.{k}=null" for k in ("test_from", "test_until", "test_area", "test_ids_file")]
+    reset += ["extract_features.split.test_fraction=0.15"]
     rows = []
     for name, (overrides, ids) in powder_family.members(data).items():
         if only and name not in only:
@@ -222,7 +225,8 @@ def run_family(repo, env, data, extra, only=None) -> list[dict]:
             path = repo / "splits" / f"{name}.txt"
             path.write_text("# held out by benchmarks/powder_family.py\n" + "\n".join(ids) + "\n")
             overrides = ["extract_features.split.strategy=list", f"extract_features.split.test_ids_file=splits/{name}.txt"]
-        _run(exp_command(f"{EXP_NAME}-{name.replace('_', '-')}", extra=(*overrides, *extra)), repo, env, quiet=True)
+        _run(exp_command(f"{EXP_NAME}-{name.replace('_', '-')}", extra=(*reset, *overrides, *extra)), repo, env,
+             quiet=True)
         out = read_outputs(repo)
         ref = powder_family.reference_knn(repo / "data" / "features.h5")
         rows.append(family_row(name, out["test"], ref))
