@@ -40,7 +40,7 @@ def evaluate(repo: Path) -> dict:
     from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
     from heimdall.evaluation import ellipse_coverage, mahalanobis_sq
-    from heimdall.model import estimate
+    from heimdall.runner import estimate
 
     model, _ = load_checkpoint(repo / "models/model.ckpt")
     fs = load_features(repo / "data/features.h5")

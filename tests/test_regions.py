@@ -139,12 +139,12 @@ def test_evaluate_search_regions(trained):
 
 
 def test_grid_posterior_is_the_posterior_the_model_summarises(trained):
-    """model.grid_posterior's cell probabilities are the ones LocalizationNet.posterior summarises:
+    """runner.grid_posterior's cell probabilities are the ones LocalizationNet.posterior summarises:
     the point estimate is the posterior mean of the mode's neighbourhood, so it lies within the
     mode radius of the most probable cell."""
     from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
-    from heimdall.model import estimate, grid_posterior
+    from heimdall.runner import estimate, grid_posterior
 
     ckpt, features_path = trained
     model, _ = load_checkpoint(ckpt)
@@ -208,7 +208,7 @@ def test_calibrate_regions_on_the_tiny_campaign(trained, tmp_path):
     from heimdall.calibration import calibrate_regions, model_grid_cells
     from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
-    from heimdall.model import grid_log_posterior
+    from heimdall.runner import grid_log_posterior
 
     ckpt, features_path = trained
     model, _ = load_checkpoint(ckpt)
@@ -315,12 +315,12 @@ def test_search_region_map_draws_the_hpd_cells(tmp_path):
 
 def test_evaluate_draws_the_calibrated_regions_of_a_few_sessions(trained):
     """The evaluate stage keeps the drawn sessions' calibrated probabilities and modes from its one
-    pass over the posterior: they equal model.grid_posterior (τ = the model's region temperature)
+    pass over the posterior: they equal runner.grid_posterior (τ = the model's region temperature)
     for those sessions, and search_regions_map.png is written."""
     from heimdall.checkpoint import load_checkpoint
     from heimdall.data import load_features
-    from heimdall.model import estimate, grid_posterior
     from heimdall.plots import map_sessions
+    from heimdall.runner import estimate, grid_posterior
     from heimdall.stages.evaluate import search_regions
 
     ckpt, features_path = trained

@@ -10,16 +10,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_params_dict, train_and_evaluate, write_params
+
 from heimdall import calibration, checkpoint
 from heimdall.cli import main
 from heimdall.contracts import SPLIT_CODES
 from heimdall.data import load_features
 from heimdall.evaluation import gaussian_metrics
-from heimdall.model import estimate
 from heimdall.params import load_params
-from heimdall.stages import evaluate, train
+from heimdall.runner import estimate
+from heimdall.stages import evaluate
 
 TINY_TRAIN = {
     "train.max_epochs": 2, "train.batch_size": 32, "train.radio_map.spacing_km": 4.0,

@@ -17,7 +17,8 @@ from heimdall import regions
 from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import FeatureSet
 from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq
-from heimdall.model import LocalizationNet, estimate, grid_log_posterior
+from heimdall.model import LocalizationNet
+from heimdall.runner import estimate, grid_log_posterior
 
 # 1e6: the likelihood is effectively off (posterior = the network's Gaussian on the grid): lets the
 # validation split choose "trust the network" where the learned map is weak (real campus data).

@@ -331,13 +331,8 @@ class LocalizationNet(nn.Module):
         own variance). The rest of the mass (diffuse tails) is "elsewhere": 1 − Σ weight. Slots without
         a mode weigh 0 (mean: the map's first cell, covariance: the cell's).
 
-        Measured on the default campaign's test split (docs/model.md): the weights are calibrated
-        (sessions whose top weight was ~0.3 / 0.5 / 0.7 / 0.93 had their truth in that part 0.31 /
-        0.46 / 0.68 / 0.92 of the time). Whole Voronoi cells (no radius) put far diffuse mass into a
-        mode: its mean drifted off the peak and the top mode landed within 5 km of the truth for 38 %
-        of sessions instead of 44 %. Choosing peaks by the mass of a box around them instead of their
-        height found fewer of the truths (any mode within 5 km: 0.68 vs 0.75). Only each peak's disc of cells is gathered ((B, K, 81) values,
-        not (B, K, G)): the same sums, ~0.1 ms instead of ~1 ms in onnxruntime.
+        The weights are calibrated and the alternatives measured worse (docs/model.md "Modes"). Only
+        each peak's disc is gathered ((B, K, 81), not (B, K, G)): ~0.1 ms instead of ~1 ms in onnxruntime.
         """
         b, k = prob.shape[0], N_MODES
         n_north, n_east = self.grid_shape
@@ -401,38 +396,3 @@ class LocalizationNet(nn.Module):
         if self.has_map:
             mean, cov = self.refine(mean, cov, rss_dbm, present, receiver_id)
         return mean, cov
-
-
-@torch.no_grad()
-def grid_log_posterior(model: LocalizationNet, input_batches):
-    """Yield each batch's posterior logits (B, G) (float64 numpy, unnormalised, untempered: region
-    temperature 1) over the model's map grid (needs a map)."""
-    model.eval()
-    for inputs in input_batches:
-        mean, cov = model.network_metric(*inputs)
-        cost = model.likelihood_cost(inputs[1], inputs[3], inputs[5])
-        yield model.posterior_logits(cost, mean, cov).double().numpy()
-
-
-@torch.no_grad()
-def grid_posterior(model: LocalizationNet, input_batches, region_temperature: float | None = None):
-    """Yield each batch's search-region cell probabilities (B, G) (float64 numpy, rows sum to 1)
-    over the model's map grid: softmax(posterior_logits / τ) with τ = ``region_temperature``
-    (default: the model's calibrated ``region_temperature`` buffer). With τ = 1 this is the
-    distribution ``model`` summarises as its Gaussian (needs a map)."""
-    tau = float(model.region_temperature) if region_temperature is None else float(region_temperature)
-    for logits in grid_log_posterior(model, input_batches):
-        yield torch.softmax(torch.from_numpy(logits) / tau, dim=1).numpy()
-
-
-@torch.no_grad()
-def estimate(model: LocalizationNet, input_batches, network_only: bool = False) -> tuple:
-    """Run ``model`` over an iterable of input batches -> (mean (n, 2), covariance (n, 2, 2)), float64
-    numpy, ENU metres. ``network_only``: the network's Gaussian without the map refinement."""
-    model.eval()
-    means, covs = [], []
-    for inputs in input_batches:
-        m, c = model.network_metric(*inputs) if network_only else model(*inputs)
-        means.append(m.double())
-        covs.append(c.double())
-    return torch.cat(means).numpy(), torch.cat(covs).numpy()

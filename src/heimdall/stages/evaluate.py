@@ -23,7 +23,7 @@ from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
-from heimdall.model import LocalizationNet, estimate
+from heimdall.model import LocalizationNet
 from heimdall.params import Params
 from heimdall.plots import (
     MAP_LEVELS,
@@ -33,6 +33,7 @@ from heimdall.plots import (
     write_search_region_plots,
 )
 from heimdall.radiomap import RadioMapGrid, true_map_sigma_db
+from heimdall.runner import estimate
 
 BASELINES = ("knn", "ml_logdistance", "kriged_map", "oracle")
 # The headline table `dvc metrics show` prints: one file per method, the same few columns each.
