@@ -140,3 +140,13 @@ def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_onnx")
     summary = export_onnx.run(ckpt, features, out / "model.onnx", out / "metrics/export.json", **FAST_EXPORT)
     return out / "model.onnx", json.loads((out / "metrics/export.json").read_text()), summary
+
+
+def copy_pipeline(repo: Path) -> None:
+    """What a checkout's pipeline needs besides params.yaml: dvc.yaml, the source and splits/ (the
+    held-out lists extract_features depends on)."""
+    import shutil
+
+    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO_ROOT / "splits", repo / "splits")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, tiny_params_dict
+from conftest import REPO_ROOT, tiny_params_dict, copy_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,7 @@ def _ran(output: str) -> set[str]:
 def pipeline_repo(tmp_path) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    copy_pipeline(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(48), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)

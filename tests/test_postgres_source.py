@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import tiny_params_dict, write_params
+from conftest import tiny_params_dict, write_params, copy_pipeline
 from heimdall.db import migrate
 from heimdall.db.connect import Database
 from heimdall.db.seed import seed_from_simulation
@@ -381,8 +381,7 @@ def test_dvc_refresh_recipe_reruns_downstream_only_when_the_data_changed(db, tmp
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    copy_pipeline(repo)
     _params(repo)
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.autostage", "false"]):
         _run(cmd, repo)

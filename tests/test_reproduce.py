@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, TINY_TRAIN, tiny_params_dict
+from conftest import REPO_ROOT, TINY_TRAIN, tiny_params_dict, copy_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -120,9 +120,8 @@ def v1(weed, tmp_path_factory):
     s3.client().create_bucket(Bucket=BUCKET)
     repo = tmp_path_factory.mktemp("reproduce") / "origin"
     repo.mkdir()
-    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    copy_pipeline(repo)
     shutil.copy(REPO_ROOT / ".gitignore", repo / ".gitignore")  # ignores mlflow.db, mlartifacts/
-    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = tiny_params_dict(120, **TINY_TRAIN, **{"export_onnx.latency_runs": 10})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
