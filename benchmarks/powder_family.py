@@ -37,13 +37,14 @@ KNN_K = tuple(range(1, 31))
 
 def read_dataset(data: Path) -> dict:
     """Session ids (as `heimdall db import-powder` makes them), start times, positions, from the CSV."""
-    from zoneinfo import ZoneInfo
+    from datetime import timezone
 
     from heimdall import geo
     from heimdall.db.powder import _uid, read_receivers, read_samples
 
     receivers = read_receivers(data / "location_coordinates.json")
-    samples, _, _ = read_samples(data / "single_tx.csv", receivers, ZoneInfo("America/Denver"))
+    # the timestamps' zone as `heimdall db import-powder` reads them by default (UTC): the ids match
+    samples, _, _ = read_samples(data / "single_tx.csv", receivers, timezone.utc)
     lat = np.array([s["lat"] for s in samples])
     lon = np.array([s["lon"] for s in samples])
     rx = np.array([v for v in receivers.values() if v is not None])
