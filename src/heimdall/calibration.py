@@ -138,14 +138,17 @@ def _calibrate_fingerprints(model: LocalizationNet, features: FeatureSet, va, pm
             "val_mean_log_error_no_fp": no_fp_log_err}
 
 
+def model_grid(model: LocalizationNet) -> tuple[float, float, float, int, int]:
+    """The model's map grid: (east0_m, north0_m, spacing_m, n_east, n_north), cells row-major."""
+    n_north, n_east = model.grid_shape
+    spacing = float(np.sqrt(12.0 * float(model.cell_var_m2)))
+    return float(model.grid_east_m.min()), float(model.grid_north_m.min()), spacing, n_east, n_north
+
+
 def model_grid_cells(model: LocalizationNet, target: np.ndarray) -> tuple[np.ndarray, float]:
     """(flat index of each target's map-grid cell (-1: outside the grid), the cell area km²)."""
-    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
-    spacing = float(np.sqrt(12.0 * float(model.cell_var_m2)))
-    n_east = int(round((east.max() - east.min()) / spacing)) + 1
-    n_north = len(east) // n_east
-    cells = regions.grid_cell_index(target, float(east.min()), float(north.min()), spacing, n_east, n_north)
-    return cells, spacing**2 / 1e6
+    east0, north0, spacing, n_east, n_north = model_grid(model)
+    return regions.grid_cell_index(target, east0, north0, spacing, n_east, n_north), spacing**2 / 1e6
 
 
 @torch.no_grad()

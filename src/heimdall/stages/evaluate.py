@@ -17,7 +17,7 @@ import numpy as np
 
 from heimdall import baselines, regions, tracking
 from heimdall.atomic import md5_file, write_json
-from heimdall.calibration import model_grid_cells
+from heimdall.calibration import model_grid, model_grid_cells
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import load_features
@@ -39,14 +39,6 @@ BASELINES = ("knn", "ml_logdistance", "kriged_map", "oracle")
 # The headline table `dvc metrics show` prints: one file per method, the same few columns each.
 COMPARE_KEYS = ("mean_error_m", "median_error_m", "p90_error_m", "frac_within_5km", "frac_top_mode_within_5km",
                 "coverage_2sigma", "coverage_hpd90", "area_hpd90_km2", "coverage_ellipse90", "area_ellipse90_km2")
-
-
-def model_grid(model: LocalizationNet) -> tuple[float, float, float, int, int]:
-    """The model's map grid: (east0_m, north0_m, spacing_m, n_east, n_north), cells row-major."""
-    east, north = model.grid_east_m.double().numpy(), model.grid_north_m.double().numpy()
-    spacing = float(np.sqrt(12.0 * float(model.cell_var_m2)))
-    n_east = int(round((east.max() - east.min()) / spacing)) + 1
-    return float(east.min()), float(north.min()), spacing, n_east, len(east) // n_east
 
 
 def model_radio_map(model: LocalizationNet) -> RadioMapGrid:
