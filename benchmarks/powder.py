@@ -249,7 +249,7 @@ def main() -> None:
                         help="print the `dvc exp run` command of the preset and exit")
     parser.add_argument("--family", nargs="*", default=None, metavar="MEMBER",
                         help="run the held-out split family instead (benchmarks/powder_family.py: random, "
-                             "spatial_blocks, month_apr/jul/nov, outer_area, static, walking, cycling, driving; "
+                             "grid_cells, month_apr/jul/nov, outer_area, static, walking, cycling, driving; "
                              "default all) beside the reference kNN; writes benchmarks/results/powder_family.json")
     args = parser.parse_args()
     if args.print_exp_command:

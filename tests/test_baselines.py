@@ -169,3 +169,46 @@ def test_evaluate_baselines_end_to_end(tiny_campaign):
     assert np.isfinite(res["crlb_rmse_m"]) and res["crlb_rmse_m"] > 0
     # Sanity, not a benchmark: the true map cannot be beaten by much by a map learned from 168 sessions.
     assert res["oracle"]["median_error_m"] < res["ml_logdistance"]["median_error_m"]
+
+
+def test_local_gp_variance_is_exact_with_all_points_and_an_upper_bound_with_fewer():
+    """With every training point among the nearest the local variance is the exact GP posterior
+    variance s² − kᵀ(K + σ²I)⁻¹k; with fewer it can only be larger (less data, more doubt); at a
+    training point it is below the noise, far away it is the signal variance."""
+    rng = np.random.default_rng(5)
+    train = rng.uniform(0, 10, (40, 2))
+    gp = ResidualGP(train, np.zeros(40), 0.0, 5.0, 2.0, 1.5)
+    query = np.vstack([rng.uniform(-5, 15, (200, 2)), [[100.0, 100.0]]])
+    k_cross = _rbf(query, train, 5.0, 2.0)
+    gram = _rbf(train, train, 5.0, 2.0) + 1.5**2 * np.eye(40)
+    exact = 25.0 - np.einsum("ij,ji->i", k_cross, np.linalg.solve(gram, k_cross.T))
+    np.testing.assert_allclose(gp.local_variance(query, n_near=40), exact, rtol=1e-6, atol=1e-9)
+    local = gp.local_variance(query, n_near=8)
+    assert np.all(local >= exact - 1e-9) and local[-1] == pytest.approx(25.0)
+    assert gp.local_variance(train[:5], n_near=8).max() < 1.5**2
+    # leaving a point's own reading out raises its variance
+    assert np.all(gp.local_variance(train, n_near=8, leave_self_out=True) > gp.local_variance(train, n_near=8))
+
+
+def test_map_excess_variance_is_zero_near_training_readings_and_the_signal_variance_far_away(scenario):
+    """Sessions in the west half only: the tabulated excess variance of the kriged map is ~0 among
+    them and rises to the GP's signal variance (less what σ already holds) in the empty east."""
+    e0, e1, n0, n1 = scenario.area
+    pos, _, rss, present = _sessions(scenario, 1200, seed=6, fading_db=2.0)
+    west = pos[:, 0] < (e0 + e1) / 2 - 10e3
+    kriged = fit_kriged_map(rss[west], present[west], scenario.rx_enu, pos[west], n_hyper_subsample=300, n_loo=200)
+    grid = RadioMapGrid.from_fitted(kriged, bounds=scenario.area, spacing_m=5000.0, uncertainty=True)
+    assert grid.excess_var_db2.shape == grid.mean_db.shape
+    east, north = grid.cell_centres()
+    signal_var = np.array([gp.signal_std_db**2 for gp in kriged.gps])  # (R,)
+    near = east < (e0 + e1) / 2 - 20e3
+    far = east > e1 - 20e3
+    excess = np.moveaxis(grid.excess_var_db2, 0, -1)  # (H, W, R)
+    assert np.median(excess[near] / signal_var) < 0.05
+    # far away: the whole signal variance, less the part σ already holds (the mean leave-one-out variance)
+    np.testing.assert_allclose(np.median(excess[far], axis=0), signal_var - kriged.loo_map_var_db2, rtol=0.02)
+    assert np.all(kriged.loo_map_var_db2 > 0) and np.all(kriged.loo_map_var_db2 < 0.6 * signal_var)
+    assert np.all(np.isfinite(excess)) and excess.min() >= 0.0
+    # receivers without a map get no excess
+    grown = grid.expanded(np.r_[np.ones(grid.n_receivers, bool), False])
+    assert grown.excess_var_db2.shape[0] == grid.n_receivers + 1 and not grown.excess_var_db2[-1].any()

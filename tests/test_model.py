@@ -185,7 +185,7 @@ def test_posterior_modes_match_their_definition_and_find_two_blobs():
     """Two Gaussian blobs (70 % / 30 % of the mass, 1 cell wide) and faint noise: the two heaviest
     modes are the blobs (weights ≈ 0.7 / 0.3, means at their centres, covariance ≈ blob variance +
     cell variance), and every output equals the cell-by-cell definition (_modes_reference)."""
-    from heimdall.model import MODE_SEPARATION_CELLS
+    from heimdall.modes import MODE_SEPARATION_CELLS
 
     model = _model()
     n_north, n_east = model.grid_shape
@@ -273,3 +273,54 @@ def test_fingerprint_evidence_peaks_at_a_repeated_place_and_weight_zero_changes_
         model.fp_weight.fill_(1.0)
         assert not torch.allclose(model.likelihood_cost(inputs[1], inputs[3], inputs[5]),
                                   plain.likelihood_cost(inputs[1], inputs[3], inputs[5]))
+
+
+def test_fingerprint_nearest_neighbour_is_exact_where_expanded_squares_cancel():
+    """Two training fingerprints 0.1 and 0.05 dB from the query (squared distances 0.01 and 0.0025 dB²)
+    beside |q|² ≈ 7e4 dB²: the expanded |q|² − 2q·x + |x|² form cancels in float32 (eps · 7e4 ≈ 0.008)
+    and ranked them wrongly for 80 of these 200 queries, which flipped neighbours between onnxruntime
+    and PyTorch (POWDER's parity gate failed). With k = 1 the evidence must peak at the nearer one."""
+    model, _ = _fp_model(k=1, n=2)
+    model.fp_bandwidth_m.fill_(3000.0)
+    model.fp_east_m.copy_(torch.tensor([-30e3, 30e3]))  # the nearer (second) one is east
+    model.fp_north_m.zero_()
+    present, rid = torch.ones(1, R), torch.arange(R)[None]
+    g = torch.Generator().manual_seed(3)
+    wrong = 0
+    for _ in range(200):
+        q = -130 + 40 * torch.rand(1, R, generator=g)
+        model.fp_rss_dbm.copy_(q.expand(2, R))
+        model.fp_rss_dbm[0, 0] += 0.1
+        model.fp_rss_dbm[1, 1] -= 0.05
+        ev = model.fingerprint_evidence(q, present, rid)[0]
+        wrong += float(model.grid_enu_m[int(ev.argmax()), 0]) < 20e3
+    assert wrong == 0
+
+
+@pytest.mark.parametrize("nu", [0.0, 4.0])
+def test_student_t_likelihood_is_not_outvoted_by_one_receiver_whose_gain_moved(nu):
+    """Noise-free readings of the map at one cell (TX power 10 dBm), one receiver 25 dB off (its gain
+    moved): the Gaussian likelihood (ν = 0) puts its best cell elsewhere, the Student-t one (ν = 4)
+    keeps it at the truth and profiles the true power; without the outlier both agree there."""
+    torch.manual_seed(0)
+    radio_map, rx = _map()
+    cfg = ModelConfig(n_receivers=R, n_mels=M, n_frames=F_, inputs="scalars", cnn_width=4, cnn_depth=2, cnn_pool=2,
+                      d_model=16, n_heads=2, n_layers=1, likelihood_nu=nu)
+    model = LocalizationNet(cfg, torch.cat([rx, torch.zeros(R, 1)], 1), _norm(), radio_map)
+    truth = 200
+    rss = (radio_map["mean_db"][:, truth] + 10.0)[None]
+    present, rid = torch.ones(1, R), torch.arange(R)[None]
+    clean = model.likelihood_cost(rss, present, rid)[0]
+    assert int(clean.argmin()) == truth
+    rss[0, 2] += 25.0
+    cost = model.likelihood_cost(rss, present, rid)[0]
+    miss_m = float(torch.linalg.norm(model.grid_enu_m[int(cost.argmin())] - model.grid_enu_m[truth]))
+    if nu > 0:
+        assert miss_m == 0.0
+        from heimdall.txpower import profile_tx_power_general
+
+        resid = rss[..., None] - radio_map["mean_db"][:, truth:truth + 1][None]
+        power, _ = profile_tx_power_general(resid, present / 4.0, nu, iterations=10)
+        assert float(power) == pytest.approx(10.0, abs=0.5)
+    else:
+        assert miss_m > 5e3

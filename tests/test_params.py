@@ -39,6 +39,11 @@ def _run_export(params_path, out, capsys):
         ({"extract_features.split.strategy": "area", "extract_features.split.test_area": [41, -111, 40, -110]},
          "extract_features.split.test_area"),
         ({"extract_features.split.test_area": [40, -112, 41, -111]}, "only apply to strategy 'area'"),
+        ({"extract_features.split.strategy": "area", "extract_features.split.test_area": [40, -112, 41, -111],
+          "extract_features.split.test_fraction": 0}, "production run"),
+        ({"extract_features.split.test_fraction": -0.1}, "extract_features.split.test_fraction"),
+        ({"model.likelihood_nu": -1}, "model.likelihood_nu"),
+        ({"train.radio_map.uncertainty": "maybe"}, "train.radio_map.uncertainty"),
     ],
 )
 def test_bad_param_is_one_line_error_and_no_output(make_params, tmp_path, capsys, override, expected):

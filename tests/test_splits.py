@@ -130,3 +130,46 @@ def test_area_and_list_hold_out_exactly_what_they_name(tmp_path, caplog):
     ids_file.write_text("nobody\n")
     with pytest.raises(HeimdallError, match="test split empty"):
         assign_split("list", **kw, test_ids_file=str(ids_file))
+
+
+@pytest.mark.parametrize("strategy", ["random", "spatial_blocks", "by_group", "time"])
+def test_test_fraction_zero_is_a_production_split(strategy):
+    """test_fraction 0: no test session, val as asked, every other session trains."""
+    pos, groups = _walks()
+    t = np.arange(len(groups), dtype=float)
+    split = assign_split(strategy, target_enu_m=pos, group_id=groups, val_fraction=0.15, test_fraction=0.0,
+                         block_size_m=5_000.0, seed=3, start_time_unix_s=t)
+    assert not (split == SPLIT_CODES["test"]).any()
+    assert (split == SPLIT_CODES["val"]).mean() == pytest.approx(0.15, abs=0.05)
+    assert (split == SPLIT_CODES["train"]).mean() == pytest.approx(0.85, abs=0.05)
+
+
+def test_production_run_trains_on_all_but_val_and_measures_nothing(tiny_campaign, tmp_path, monkeypatch):
+    """extract -> train -> evaluate -> export -> register with test_fraction 0: train holds every session
+    but val; test.json says production with no errors (no invented numbers); the parity gate runs on
+    val; the registered version is a candidate, never champion by itself (not even the first)."""
+    import json
+
+    from conftest import FAST_EXPORT, TINY_TRAIN, tiny_params_dict, train_and_evaluate, write_params
+    from heimdall.data import load_features
+    from heimdall.params import load_params
+    from heimdall.stages import export_onnx, extract_features, register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    d = tiny_params_dict(240, **TINY_TRAIN, **{"extract_features.split.test_fraction": 0})
+    params = load_params(write_params(tmp_path / "params.yaml", d))
+    assert params.extract_features.split.production
+    features_path = tmp_path / "features.h5"
+    extract_features.run(params, tiny_campaign[1], features_path, progress=False)
+    fs = load_features(features_path)
+    assert len(fs.indices("test")) == 0 and len(fs.indices("train")) + len(fs.indices("val")) == 240
+    summary = train_and_evaluate(params, features_path, tmp_path)
+    assert summary["production_run"] is True
+    test = json.loads((tmp_path / "metrics/test.json").read_text())
+    assert test["n_test"] == 0 and test["production_run"] is True and "median_error_m" not in test
+    assert json.loads((tmp_path / "metrics/compare/model.json").read_text()) == {"n_test": 0}
+    export_onnx.run(tmp_path / "model.ckpt", features_path, tmp_path / "model.onnx", tmp_path / "export.json",
+                    **FAST_EXPORT)
+    assert json.loads((tmp_path / "export.json").read_text())["parity"]["n_sessions"] == len(fs.indices("val"))
+    reg = register.run(params, tmp_path / "model.onnx", tmp_path / "metrics/test.json", tmp_path / "registry.json")
+    assert reg["promoted_to_champion"] is False and reg["aliases"] == ["candidate"]

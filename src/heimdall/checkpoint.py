@@ -67,6 +67,8 @@ def load_checkpoint(path: str | Path) -> tuple[LocalizationNet, dict]:
         radio_map = {"mean_db": sd["map_mean_db"], "sigma_db": sd["map_sigma_db"],
                      "grid_enu_m": torch.stack([sd["grid_east_m"], sd["grid_north_m"]], 1),
                      "cell_var_m2": sd["cell_var_m2"], "power_range_dbm": sd["power_range_dbm"]}
+        if "map_excess_var_db2" in sd:
+            radio_map["excess_var_db2"] = sd["map_excess_var_db2"]
     fingerprints = None
     if "fp_rss_dbm" in sd:
         fingerprints = {"rss_dbm": sd["fp_rss_dbm"], "east_m": sd["fp_east_m"], "north_m": sd["fp_north_m"],

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Rows of the (points x training points) kernel matrix evaluated at once when predicting a GP:
 # 4096 x ~4000 float64 is ~130 MB.
 _GP_PREDICT_CHUNK = 4096
+# Nearest training readings of a local GP's variance (ResidualGP.local_variance): an upper bound of the
+# exact GP's, tight where the nearest readings decide it (near data, and far from all of it).
+LOCAL_VARIANCE_POINTS = 16
 # Training points farther than this many RBF length scales from a query point are ignored:
 # their kernel weight is below exp(-6^2 / 2) = 1.5e-8.
 _GP_CUTOFF_LENGTHS = 6.0
@@ -79,6 +82,29 @@ class ResidualGP:
                 k_cross = _rbf(pts, self.train_km[near], self.signal_std_db, self.length_km)
                 out[sub] = k_cross @ self.alpha[near]
         return out + self.prior_mean_db
+
+
+    def local_variance(self, points_km: np.ndarray, n_near: int = LOCAL_VARIANCE_POINTS,
+                       leave_self_out: bool = False) -> np.ndarray:
+        """Posterior variance (P,) of the residual map at points (P, 2) in km, from each point's
+        ``n_near`` nearest training points only (a local GP: exact where a few points decide it, an
+        upper bound elsewhere; O(P · n_near³) instead of O(P · n²)). ``leave_self_out``: for training
+        points themselves, without their own reading (what a leave-one-out residual sees)."""
+        from scipy.spatial import cKDTree
+
+        points_km = np.asarray(points_km, dtype=np.float64).reshape(-1, 2)
+        k = min(n_near + int(leave_self_out), len(self.train_km))
+        _, idx = cKDTree(self.train_km).query(points_km, k=k)
+        idx = idx.reshape(len(points_km), k)[:, int(leave_self_out):]
+        s2, out = self.signal_std_db**2, np.empty(len(points_km))
+        for i in range(0, len(points_km), _GP_PREDICT_CHUNK):
+            near = self.train_km[idx[i:i + _GP_PREDICT_CHUNK]]  # (c, m, 2)
+            d2 = ((near[:, :, None] - near[:, None]) ** 2).sum(-1)
+            gram = s2 * np.exp(-0.5 * d2 / self.length_km**2) + self.noise_std_db**2 * np.eye(near.shape[1])
+            cross = s2 * np.exp(-0.5 * ((near - points_km[i:i + _GP_PREDICT_CHUNK, None]) ** 2).sum(-1)
+                                / self.length_km**2)
+            out[i:i + _GP_PREDICT_CHUNK] = s2 - np.einsum("cm,cm->c", cross, np.linalg.solve(gram, cross[..., None])[..., 0])
+        return np.maximum(out, 0.0)
 
 
 def _rbf(a_km: np.ndarray, b_km: np.ndarray, signal_std: float, length: float) -> np.ndarray:
@@ -140,6 +166,16 @@ class KrigedMapModel:
     gps: tuple[ResidualGP, ...]  # one per receiver
     sigma_db: np.ndarray  # (R,) leave-one-out residual std (fading + map error)
     train_bounds_m: Bounds
+    # (R,) mean local GP variance at training readings left out: the map error sigma_db already holds
+    loo_map_var_db2: np.ndarray | None = None
+
+    def excess_var_db2(self, east, north) -> np.ndarray:
+        """(..., R) the map's variance at positions beyond what sigma_db holds (0 near training readings,
+        up to the GP's signal variance far from them): the likelihood's σ² there is sigma_db² + this."""
+        east = np.asarray(east, dtype=np.float64)
+        pts_km = np.stack([east.ravel(), np.asarray(north, dtype=np.float64).ravel()], axis=1) / 1e3
+        var = np.stack([gp.local_variance(pts_km) for gp in self.gps], axis=1)
+        return np.maximum(var - self.loo_map_var_db2, 0.0).reshape(*east.shape, len(self.gps))
 
     def mean_db(self, east, north) -> np.ndarray:
         """Predicted mean RSS (..., R) at 0 dBm TX power."""
@@ -206,7 +242,7 @@ def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db
     gp_at_train = np.zeros_like(law_db)
     hyper: list[tuple[float, float, float]] = []
     gps: list[ResidualGP] = []
-    loo_sq_sum, loo_count = np.zeros(n_rx), np.zeros(n_rx)
+    loo_sq_sum, loo_count, loo_var = np.zeros(n_rx), np.zeros(n_rx), np.zeros(n_rx)
     for it in range(n_iterations):
         weights = 1.0 / np.square(law.sigma_db)
         _, residual = power_and_residual(rss, law_db + gp_at_train, usable, weights)
@@ -225,15 +261,17 @@ def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db
             gp_at_train[rows, r] = fitted
             if last:
                 loo_sq_sum[r], loo_count[r] = np.sum(loo**2), len(loo)
+                loo_var[r] = gp.local_variance(x_r[loo_index], leave_self_out=True).mean()
 
     sigma = np.sqrt(loo_sq_sum / np.maximum(loo_count, 1))
-    return KrigedMapModel(law, tuple(gps), sigma, law.train_bounds_m)
+    return KrigedMapModel(law, tuple(gps), sigma, law.train_bounds_m, loo_var)
 
 
 def fit_training_map(features: FeatureSet, spacing_m: float, margin_m: float, min_snr_db: float | None,
-                     seed: int) -> RadioMapGrid:
+                     seed: int, uncertainty: bool = False) -> RadioMapGrid:
     """The learned forward map on the training split of ``features`` (law + GP residual per receiver),
-    tabulated over the training targets' box + ``margin_m``: what the model's refinement inverts."""
+    tabulated over the training targets' box + ``margin_m``: what the model's refinement inverts.
+    ``uncertainty``: with the map's excess variance per cell (RadioMapGrid.excess_var_db2)."""
     tr = features.indices("train")
     rss, snr, present, pos = (features.rss_dbm[tr].astype(np.float64), features.snr_db[tr].astype(np.float64),
                               features.present[tr], features.target_enu_m[tr])
@@ -248,7 +286,8 @@ def fit_training_map(features: FeatureSet, spacing_m: float, margin_m: float, mi
                     "ignored", [str(n) for n, m in zip(features.receiver_names, mapped) if not m], MIN_MAP_READINGS)
     kriged = fit_kriged_map(rss[:, mapped], present[:, mapped], features.receiver_enu_m[mapped], pos, snr[:, mapped],
                             min_snr_db, anchor, seed=seed)
-    return RadioMapGrid.from_fitted(kriged, bounds_around(pos, margin_m), spacing_m).expanded(mapped)
+    return RadioMapGrid.from_fitted(kriged, bounds_around(pos, margin_m), spacing_m,
+                                    uncertainty=uncertainty).expanded(mapped)
 
 
 def training_power_range(grid: RadioMapGrid, features: FeatureSet, lo_pct=1.0, hi_pct=99.0) -> tuple[float, float]:

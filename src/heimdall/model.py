@@ -35,7 +35,6 @@ from torch import nn
 
 from heimdall.contracts import (
     FEATURE_NORMALIZATION_KEYS,
-    N_MODES,
     REGION_LEVELS,
     RELIABILITY_LEVELS,
 )
@@ -45,11 +44,8 @@ from heimdall.layers import (  # noqa: F401 (re-exported)
     chol_2x2,
     gaussian_nll,
 )
-from heimdall.txpower import profile_tx_power
-
-# Two posterior modes are separate when neither is the largest cell within this many cells of the
-# other (a (2k+1)² max-pool window): 5 km on the default 1 km grid, the scale of one mode's blob.
-MODE_SEPARATION_CELLS = 5
+from heimdall.modes import disc_offsets, posterior_modes
+from heimdall.txpower import profile_tx_power, profile_tx_power_general
 
 
 @dataclass(frozen=True)
@@ -72,9 +68,10 @@ class ModelConfig:
     # "scale": when no cell explains the readings (best cell's chi-square per degree of freedom > 1, e.g.
     # a receiver's gain moved), divide the likelihood cost by that ratio (a per-session noise scale)
     misfit: str = "none"
-    # > 0: fingerprint evidence from this many nearest training sessions (by RSS vector) joins the
-    # posterior, weighted by the calibrated fp_weight (0 leaves the posterior as it was)
+    # > 0: evidence from this many nearest training fingerprints joins the posterior (calibrated fp_weight)
     fingerprint_k: int = 0
+    # > 0: Student-t readings with this many degrees of freedom (txpower.profile_tx_power_robust)
+    likelihood_nu: float = 0.0
 
 
 class LocalizationNet(nn.Module):
@@ -89,8 +86,8 @@ class LocalizationNet(nn.Module):
             raise ValueError(f"model.inputs must be spectrogram, scalars or both, got {c.inputs!r}")
         if c.head not in ("direct", "receivers"):
             raise ValueError(f"model.head must be direct or receivers, got {c.head!r}")
-        if c.misfit not in ("none", "scale"):
-            raise ValueError(f"model.misfit must be none or scale, got {c.misfit!r}")
+        if c.misfit not in ("none", "scale") or not c.likelihood_nu >= 0:
+            raise ValueError(f"model.misfit must be none or scale (got {c.misfit!r}), likelihood_nu >= 0")
         n = normalization
         # Positions are normalised with one isotropic scale so covariances stay metric.
         pos_scale = torch.sqrt((n["target_std_m"].double() ** 2).mean()).float()
@@ -127,6 +124,9 @@ class LocalizationNet(nn.Module):
             # receivers the training sessions did not map (radiomap.UNMAPPED_SIGMA_DB): never in the
             # network's input either (their embeddings never learned anything)
             self.register_buffer("receiver_mapped", (self.map_sigma_db < 1e3).float(), persistent=False)
+            self.has_map_var = "excess_var_db2" in radio_map  # (R, G) the map's variance beyond σ² per cell
+            if self.has_map_var:
+                self.register_buffer("map_excess_var_db2", radio_map["excess_var_db2"].float().clone())
             grid = radio_map["grid_enu_m"].float()  # (G, 2), stored as two planes (see likelihood_cost)
             self.register_buffer("grid_east_m", grid[:, 0].clone())
             self.register_buffer("grid_north_m", grid[:, 1].clone())
@@ -139,10 +139,9 @@ class LocalizationNet(nn.Module):
             spacing = math.sqrt(12.0 * float(radio_map["cell_var_m2"]))
             n_east = int(round(float(grid[:, 0].max() - grid[:, 0].min()) / spacing)) + 1
             self.grid_shape = (grid.shape[0] // n_east, n_east)
-            w = MODE_SEPARATION_CELLS
-            disc = [(dr, dc) for dr in range(-w, w + 1) for dc in range(-w, w + 1) if dr * dr + dc * dc <= w * w]
-            self.register_buffer("disc_rows", torch.tensor([d[0] for d in disc]), persistent=False)
-            self.register_buffer("disc_cols", torch.tensor([d[1] for d in disc]), persistent=False)
+            disc_rows, disc_cols = disc_offsets()
+            self.register_buffer("disc_rows", disc_rows, persistent=False)
+            self.register_buffer("disc_cols", disc_cols, persistent=False)
         # Calibrated on the validation split after training (train stage): likelihood temperature
         # and prior (network) covariance scale.
         self.register_buffer("likelihood_temperature", torch.tensor(1.0))
@@ -232,10 +231,16 @@ class LocalizationNet(nn.Module):
         """(B, G) chi-square of the readings at every grid cell, TX power profiled out."""
         # Every present reading counts, weak ones too: "this receiver barely hears it" is information
         # (measured: dropping readings below 10 dB SNR doubled the oracle's median error).
-        present = self._mapped(present, receiver_id)
-        weight = present / (self.map_sigma_db[receiver_id] ** 2)  # (B, R)
+        present, nu = self._mapped(present, receiver_id), self.config.likelihood_nu
+        var = self.map_sigma_db[receiver_id] ** 2  # (B, R)
         resid = rss_dbm[..., None] - self.map_mean_db[receiver_id]  # (B, R, G)
-        power, chi2 = profile_tx_power(resid, weight)
+        if self.has_map_var:  # σ² per cell: larger where the map is far from its training readings
+            var = var[..., None] + self.map_excess_var_db2[receiver_id]  # (B, R, G)
+            power, chi2 = profile_tx_power_general(resid, present[..., None] / var, nu)
+        elif nu > 0:
+            power, chi2 = profile_tx_power_general(resid, present / var, nu)
+        else:
+            power, chi2 = profile_tx_power(resid, present / var)
         # A cell that needs an implausible TX power to explain the readings is unlikely: a soft
         # prior, flat inside the training sessions' power range and Gaussian (3 dB) outside.
         outside = F.relu(self.power_range_dbm[0] - power) + F.relu(power - self.power_range_dbm[1])
@@ -247,6 +252,8 @@ class LocalizationNet(nn.Module):
             # one fitted parameter) and widen by it; never sharpen (a scale below 1 stays 1).
             dof = (present.float().sum(1, keepdim=True) - 1.0).clamp_min(1.0)
             cost = cost / (cost.min(1, keepdim=True).values / dof).clamp_min(1.0)
+        if self.has_map_var:  # the likelihood's normalisation Σ log σ² differs between cells
+            cost = cost + (present[..., None] * var.log()).sum(1)
         if self.has_fingerprints:
             # fp_weight · log evidence in the posterior, written as a cost (logits = −cost / 2T)
             cost = cost - (2.0 * self.likelihood_temperature * self.fp_weight) * self.fingerprint_evidence(
@@ -261,8 +268,9 @@ class LocalizationNet(nn.Module):
         present = self._mapped(present, receiver_id)
         q = torch.where(present > 0, rss_dbm, self.fp_floor_dbm)  # (B, R) in slot order
         q = torch.zeros_like(q).scatter(1, receiver_id, q)  # in receiver order, as fp_rss_dbm
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ self.fp_rss_dbm.T + (self.fp_rss_dbm**2).sum(1)[None]
-        neg, idx = (-d2.clamp_min(0.0)).topk(self.config.fingerprint_k, dim=1)  # (B, k) nearest
+        # differences, not |q|² − 2q·x + |x|² (float32 cancellation flipped near ties between ORT and torch)
+        d2 = ((q[:, None, :] - self.fp_rss_dbm[None]) ** 2).sum(-1)  # (B, N)
+        neg, idx = (-d2).topk(self.config.fingerprint_k, dim=1)  # (B, k) nearest
         w = 1.0 / (torch.sqrt(-neg) + 1e-3)
         log_w = torch.log(w / w.sum(1, keepdim=True))
         de = self.grid_east_m - self.fp_east_m[idx][..., None]  # (B, k, G)
@@ -321,57 +329,10 @@ class LocalizationNet(nn.Module):
         return torch.softmax(logits / self.region_temperature, dim=1)
 
     def posterior_modes(self, prob):
-        """The posterior's modes as a Gaussian mixture of at most N_MODES components: (weight (B, K),
-        mean (B, K, 2), covariance (B, K, 2, 2)), most probable first.
-
-        A mode is a cell that is the most probable within MODE_SEPARATION_CELLS of itself (the first in
-        row-major order where equal); its part of
-        the map is the cells within that radius that are nearer to it than to any other mode; its
-        weight, mean and covariance are the posterior mass and moments of that part (plus the cell's
-        own variance). The rest of the mass (diffuse tails) is "elsewhere": 1 − Σ weight. Slots without
-        a mode weigh 0 (mean: the map's first cell, covariance: the cell's).
-
-        The weights are calibrated and the alternatives measured worse (docs/model.md "Modes"). Only
-        each peak's disc is gathered ((B, K, 81), not (B, K, G)): ~0.1 ms instead of ~1 ms in onnxruntime.
-        """
-        b, k = prob.shape[0], N_MODES
-        n_north, n_east = self.grid_shape
-        w = MODE_SEPARATION_CELLS
-        image = prob.reshape(b, 1, n_north, n_east)
-        peak = image >= F.max_pool2d(image, 2 * w + 1, stride=1, padding=w)
-        # A flat stretch (equal probabilities: a diffuse posterior) has one peak, its first cell in
-        # row-major order: a peak must beat, strictly, the window's cells that come before it (the
-        # w rows above; the w cells to its left). Without this, onnxruntime and PyTorch picked
-        # different cells of a plateau (their TopK break ties differently): modes 4-24 km apart.
-        pad = F.pad(image, (w, w, w, 0), value=-1.0)  # probabilities are >= 0
-        above = F.max_pool2d(pad, (w, 2 * w + 1), stride=1)[:, :, :n_north]
-        left = F.max_pool2d(F.pad(image, (w, 0, 0, 0), value=-1.0), (1, w), stride=1)[:, :, :, :n_east]
-        peak = (peak & (image > above) & (image > left)).reshape(b, -1)
-        height, cell = torch.where(peak, prob, torch.zeros_like(prob)).topk(k, dim=1)  # (B, K)
-        row, col = cell // n_east, cell % n_east
-        rr, cc = row[..., None] + self.disc_rows, col[..., None] + self.disc_cols  # (B, K, D) disc cells
-        on_map = (rr >= 0) & (rr < n_north) & (cc >= 0) & (cc < n_east) & (height > 0)[..., None]
-        # nearest peak (in cells, exact integers; ties to the more probable peak); slots without a peak own nothing
-        d2 = (rr[..., None] - row[:, None, None, :]) ** 2 + (cc[..., None] - col[:, None, None, :]) ** 2  # (B,K,D,K)
-        d2 = d2 + (height <= 0).long()[:, None, None, :] * (4 * (n_north + n_east) ** 2)
-        own = d2.argmin(-1) == torch.arange(k)[None, :, None]
-        idx = rr.clamp(0, n_north - 1) * n_east + cc.clamp(0, n_east - 1)  # (B, K, D)
-        part = prob.gather(1, idx.reshape(b, -1)).reshape(idx.shape) * (on_map & own).to(prob.dtype)
-        east, north = self.grid_east_m[idx], self.grid_north_m[idx]  # (B, K, D)
-        weight = part.sum(-1)  # (B, K)
-        total = weight.clamp_min(1e-30)
-        me, mn = (part * east).sum(-1) / total, (part * north).sum(-1) / total
-        me = torch.where(weight > 0, me, self.grid_east_m[0])  # an unused slot: the map's first cell
-        mn = torch.where(weight > 0, mn, self.grid_north_m[0])
-        de, dn = east - me[..., None], north - mn[..., None]
-        cee = (part * de * de).sum(-1) / total + self.cell_var_m2
-        cen = (part * de * dn).sum(-1) / total
-        cnn = (part * dn * dn).sum(-1) / total + self.cell_var_m2
-        cov = torch.stack([torch.stack([cee, cen], -1), torch.stack([cen, cnn], -1)], -2)  # (B, K, 2, 2)
-        weight, order = weight.topk(k, dim=1)  # most probable first
-        mean = torch.stack([me.gather(1, order), mn.gather(1, order)], -1)
-        return weight, mean, cov.gather(1, order[..., None, None].expand(b, k, 2, 2))
-
+        """The posterior's modes as a Gaussian mixture (weight (B, K), mean (B, K, 2), covariance
+        (B, K, 2, 2)), most probable first: heimdall.modes.posterior_modes on this model's grid."""
+        return posterior_modes(prob, self.grid_shape, self.grid_east_m, self.grid_north_m, self.cell_var_m2,
+                               self.disc_rows, self.disc_cols)
     def locate(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
         """Everything the exported graph answers (contracts.OUTPUT_NAMES, less the lat/lon the export
         adds): position (B, 2), covariance (B, 2, 2) as ``forward``; the calibrated cell

@@ -141,7 +141,9 @@ class SplitParams(_Section):
 
     strategy: Literal["random", "spatial_blocks", "by_group", "time", "area", "list"]
     val_fraction: float = Field(gt=0, lt=0.5)
-    test_fraction: float = Field(gt=0, lt=0.5)
+    # 0: a production run (random, by_group, spatial_blocks, or time without dates): every labelled
+    # session but val trains, nothing is held out, evaluate reports no accuracy (docs/params.md "Splits")
+    test_fraction: float = Field(ge=0, lt=0.5)
     block_size_km: PositiveFloat = 10.0
     seed: int = Field(ge=0)
     # strategy: time — test = sessions starting in [test_from, test_until) (ISO 8601; either may be
@@ -198,7 +200,16 @@ class SplitParams(_Section):
         if unused:
             raise ValueError(f"{', '.join(unused)} only apply to strategy "
                              f"'{ {'test_area': 'area', 'test_ids_file': 'list'}.get(unused[0], 'time') }', not '{self.strategy}'")
+        if self.test_fraction == 0 and self.strategy in ("area", "list"):
+            raise ValueError(f"test_fraction 0 (a production run) does not apply to strategy '{self.strategy}', "
+                             "whose test split is its area or list (use random, by_group or spatial_blocks)")
         return self
+
+    @property
+    def production(self) -> bool:
+        """No test split: every labelled session but val trains (test_fraction 0, no time bounds)."""
+        return self.test_fraction == 0 and self.strategy not in ("area", "list") and \
+            self.test_from is None and self.test_until is None
 
 
 class ExtractFeaturesParams(_Section):
@@ -234,6 +245,9 @@ class ModelParams(_Section):
     misfit: Literal["none", "scale"] = "none"
     # nearest training sessions whose positions add fingerprint evidence to the posterior (0: off)
     fingerprint_k: int = Field(default=0, ge=0, le=64)
+    # > 0: Student-t readings with this many degrees of freedom, so one reading far from the map (a gain
+    # that moved) cannot outvote the rest; 0: Gaussian (docs/model.md "Misfit")
+    likelihood_nu: float = Field(default=0.0, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelParams":
@@ -250,6 +264,9 @@ class RadioMapParams(_Section):
     spacing_km: float = Field(gt=0.05, le=20)
     margin_km: float = Field(ge=0, le=200)
     min_snr_db: float = Field(ge=-30, le=60)
+    # the map's own uncertainty in the likelihood: σ² per cell grows away from training readings, so a
+    # transmitter where nobody trained is not confidently placed where somebody did (docs/model.md)
+    uncertainty: bool = False
 
 
 class TrainParams(_Section):

@@ -219,6 +219,9 @@ class RadioMapGrid:
     spacing_m: float
     mean_db: np.ndarray  # (R, H, W) float32
     sigma_db: np.ndarray  # (R,)
+    # (R, H, W) float32 or None: the map's own variance beyond sigma_db² in each cell (far from training
+    # readings the map is a guess: KrigedMapModel.excess_var_db2); None: sigma_db alone everywhere
+    excess_var_db2: np.ndarray | None = None
 
     @property
     def n_receivers(self) -> int:
@@ -271,11 +274,17 @@ class RadioMapGrid:
         bounds: Bounds | None = None,
         spacing_m: float = DEFAULT_GRID_SPACING_M,
         margin_m: float = DEFAULT_GRID_MARGIN_M,
+        uncertainty: bool = False,
     ) -> RadioMapGrid:
         """Grid of a fitted map (log-distance law or kriged); default bounds: the training targets'
-        box + ``margin_m``."""
+        box + ``margin_m``. ``uncertainty`` (kriged maps): tabulate the map's excess variance too."""
         bounds = bounds or _expand(model.train_bounds_m, margin_m)
-        return cls.from_function(model.mean_db, bounds, spacing_m, model.sigma_db)
+        grid = cls.from_function(model.mean_db, bounds, spacing_m, model.sigma_db)
+        if uncertainty:
+            east, north = grid.cell_centres()
+            var = model.excess_var_db2(east.ravel(), north.ravel())  # (H·W, R)
+            grid.excess_var_db2 = np.ascontiguousarray(var.T.reshape(grid.mean_db.shape), dtype=np.float32)
+        return grid
 
     def expanded(self, mapped: np.ndarray) -> RadioMapGrid:
         """This grid of the ``mapped`` receivers (len(mapped) with mapped.sum() == n_receivers) as a grid
@@ -285,7 +294,11 @@ class RadioMapGrid:
         mean[mapped] = self.mean_db
         sigma = np.full(len(mapped), UNMAPPED_SIGMA_DB)
         sigma[mapped] = self.sigma_db
-        return RadioMapGrid(self.east0_m, self.north0_m, self.spacing_m, mean, sigma)
+        excess = None
+        if self.excess_var_db2 is not None:
+            excess = np.zeros_like(mean)
+            excess[mapped] = self.excess_var_db2
+        return RadioMapGrid(self.east0_m, self.north0_m, self.spacing_m, mean, sigma, excess)
 
     @classmethod
     def from_scenario(

@@ -15,6 +15,10 @@ deployed model will meet new data (docs/data-contracts.md "Splits"):
 * ``list``: an explicit held-out list: test = the session ids in ``test_ids_file`` (one per line,
   ``#`` comments; a file under ``splits/``, which the extract_features stage depends on).
 
+``test_fraction: 0`` with random, by_group, spatial_blocks or time (without bounds) is a production
+run: no test split, every labelled session but validation trains (a deployed model should learn from
+all the data; its accuracy is what a run with a test split measured).
+
 Whatever the test split, validation (early stopping and every calibration) is carved out of the
 rest, never out of test: for ``time``, ``area`` and ``list`` it is ``val_fraction`` of the rest (not
 of all sessions: a month holding 77 % of the data left 411 training sessions otherwise), by time (the
@@ -164,7 +168,10 @@ def assign_split(
     else:
         raise HeimdallError(f"extract_features.split.strategy: unknown strategy '{strategy}'")
     counts = {name: int((split == code).sum()) for name, code in SPLIT_CODES.items()}
-    empty = [name for name, k in counts.items() if k == 0]
+    # test_fraction 0 (random, by_group, spatial_blocks, time without bounds): a production run, no test
+    production = test_fraction == 0 and strategy in ("random", "by_group", "spatial_blocks", "time") and \
+        test_from is None and test_until is None
+    empty = [name for name, k in counts.items() if k == 0 and not (name == "test" and production)]
     if empty:
         raise HeimdallError(
             f"extract_features.split: strategy '{strategy}' left the {'/'.join(empty)} split empty "

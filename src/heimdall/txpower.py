@@ -28,3 +28,29 @@ def profile_tx_power(resid, weight):
     power = (w_norm[:, None, :] @ resid)[:, 0, :]
     chi2 = (weight[:, None, :] @ (resid - power[:, None, :]) ** 2)[:, 0, :]
     return power, chi2
+
+
+def profile_tx_power_general(resid, weight, nu: float = 0.0, iterations: int = 3):
+    """As :func:`profile_tx_power`, with a weight per candidate position and optionally Student-t
+    residuals (torch only; sums over receivers as reductions, slower in onnxruntime than the MatMuls).
+
+    weight: (B, R, K) inverse residual variance of each reading at each candidate (the map's σ may
+        differ between cells), or (B, R) as in profile_tx_power.
+    nu: 0 for Gaussian residuals; > 0 for Student-t with ``nu`` degrees of freedom, so one reading far
+        from the map (a receiver whose gain moved, a season's change) costs ~log of its residual
+        instead of its square and cannot outvote the rest. The power is then found by iteratively
+        reweighted least squares (``iterations`` steps from the Gaussian solution: a fixed count, so the
+        exported graph is a fixed chain of tensor ops).
+
+    Returns ``(power (B, K), cost (B, K))``: cost = Σ w r² (Gaussian) or Σ (ν + 1) log(1 + w r² / ν)
+    (→ Σ w r² as ν → ∞).
+    """
+    w = weight if weight.dim() == 3 else weight[:, :, None]
+    total = w.sum(1)
+    power = (w * resid).sum(1) / (total + (total == 0))
+    for _ in range(iterations if nu > 0 else 0):
+        u = w * (nu + 1.0) / (nu + w * (resid - power[:, None, :]) ** 2)  # (B, R, K) IRLS weights
+        total = u.sum(1)
+        power = (u * resid).sum(1) / (total + (total == 0))
+    z = w * (resid - power[:, None, :]) ** 2
+    return power, (z.sum(1) if nu <= 0 else ((nu + 1.0) * (z / nu).log1p()).sum(1))

@@ -156,12 +156,29 @@ def _p90(summary: dict, tag: str) -> dict[str, float]:
     return {f"coverage_{tag}": summary["p90"]["coverage"], f"area_{tag}_km2": summary["p90"]["median_area_km2"]}
 
 
+PRODUCTION_NOTE = ("a production run (extract_features.split.test_fraction: 0): every labelled session but "
+                   "validation trained this model and none was held out, so there is no accuracy to report; "
+                   "the same params with a test split measure it")
+
+
+def _production_run(params: Params, ckpt_path: Path, metrics_dir: Path, plots_dir: Path) -> dict:
+    """No test split: say so in test.json and the compare table instead of inventing numbers."""
+    write_json(metrics_dir / "test.json", {"n_test": 0, "production_run": True, "note": PRODUCTION_NOTE})
+    write_json(metrics_dir / "compare" / "model.json", {"n_test": 0})
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    client, run_id = tracking.run_for_checkpoint(params.train.mlflow_experiment, md5_file(ckpt_path))
+    client.set_tag(run_id, "heimdall.production_run", "true")
+    return {"n_test": 0, "production_run": True, "mlflow_run_id": run_id}
+
+
 def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path, plots_dir: Path) -> dict:
     t_start = time.perf_counter()
     model, payload = load_checkpoint(ckpt_path)
     features = load_features(features_path)
     check_features_match(payload, model, features, features_path)
     te = features.indices("test")
+    if len(te) == 0:
+        return _production_run(params, ckpt_path, metrics_dir, plots_dir)
     target = features.target_enu_m[te]
     mean, cov = estimate(model, features.input_batches(te))
     net_mean, net_cov = estimate(model, features.input_batches(te), network_only=True)

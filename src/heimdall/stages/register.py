@@ -5,7 +5,8 @@
    models/model.onnx, ``DVC_EXP_NAME`` when DVC runs an experiment, and the test metrics.
 2. Register it as a new version of ``register.model_name`` with the same tags.
 3. Alias ``candidate`` -> the new version. Alias ``champion`` moves to it only if its test
-   ``median_error_m`` is strictly lower than the current champion's (or there is no champion).
+   ``median_error_m`` is strictly lower than the current champion's (or there is no champion); a
+   production run (no test split: nothing measured) never takes it by itself.
 4. Write ``models/registry.json`` (DVC output: model name, registration key, ONNX md5, test metrics —
    what the inputs determine, byte-identical on a rerun) and ``models/registry.store.json`` beside it
    (git-ignored: version, aliases, run id, tracking URI without credentials — what the store decided).
@@ -46,6 +47,8 @@ def _test_metrics(path: Path) -> dict[str, float]:
         test = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise HeimdallError(f"{path}: cannot read the test metrics: {e}") from None
+    if test.get("production_run") is True and test.get("n_test") == 0:
+        return {"n_test": 0.0}  # nothing held out (evaluate.PRODUCTION_NOTE): registered, never champion by itself
     out = {k: float(test[k]) for k in TEST_KEYS if isinstance(test.get(k), (int, float))}
     if not math.isfinite(out.get("median_error_m", math.nan)):
         raise HeimdallError(f"{path}: no finite 'median_error_m' (the champion rule needs it)")
@@ -137,7 +140,9 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
         except MlflowException:
             champ = None
         champ_err = float(champ.tags.get("test.median_error_m", "inf")) if champ is not None else math.inf
-        promoted = metrics["median_error_m"] < champ_err
+        # a production run measured nothing: it never becomes champion by itself, not even in an empty
+        # registry (promote it by hand: docs/operations.md "Production runs")
+        promoted = "median_error_m" in metrics and metrics["median_error_m"] < champ_err
         if promoted:
             client.set_registered_model_alias(p.model_name, CHAMPION, version)
         aliases = sorted(client.get_model_version(p.model_name, version).aliases)
@@ -163,7 +168,7 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
         "tracking_uri": safe_uri,
         "promoted_to_champion": promoted,
         "champion_version": version if promoted else (str(champ.version) if champ is not None else None),
-        "test_median_error_m": metrics["median_error_m"],
+        "test_median_error_m": metrics.get("median_error_m"),
         "previous_champion_median_error_m": None if champ is None else champ_err,
         "registration_key": key,
         "tags": tags,

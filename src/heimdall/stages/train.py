@@ -39,6 +39,7 @@ def model_config(params: Params, features: FeatureSet) -> ModelConfig:
         n_receivers=features.n_receivers, n_mels=features.logmel.shape[2], n_frames=features.logmel.shape[3], inputs=m.inputs,
         cnn_width=m.cnn_width, cnn_depth=m.cnn_depth, cnn_pool=m.cnn_pool, d_model=m.d_model, n_heads=m.n_heads,
         n_layers=m.n_layers, dropout=m.dropout, head=m.head, misfit=m.misfit, fingerprint_k=m.fingerprint_k,
+        likelihood_nu=m.likelihood_nu,
     )
 
 
@@ -61,7 +62,8 @@ def radio_map_tensors(grid: RadioMapGrid, power_range_dbm: tuple[float, float]) 
         "sigma_db": torch.from_numpy(np.asarray(grid.sigma_db, dtype=np.float32)),
         "grid_enu_m": torch.from_numpy(np.stack([east.ravel(), north.ravel()], 1).astype(np.float32)),
         "cell_var_m2": torch.tensor(grid.spacing_m**2 / 12.0),
-    }
+    } | ({} if grid.excess_var_db2 is None else
+         {"excess_var_db2": torch.from_numpy(grid.excess_var_db2.reshape(grid.n_receivers, -1).copy())})
 
 
 def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path, plots_dir: Path,
@@ -87,7 +89,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
         log.warning("train.batch_size %d > %d training sessions: using %d", tp.batch_size, n_train, n_train)
 
     t = time.perf_counter()
-    grid = fit_training_map(features, rm.spacing_km * 1e3, rm.margin_km * 1e3, rm.min_snr_db, tp.seed)
+    grid = fit_training_map(features, rm.spacing_km * 1e3, rm.margin_km * 1e3, rm.min_snr_db, tp.seed, rm.uncertainty)
     timings = {"radio_map_fit_s": time.perf_counter() - t}
     log.info("radio map: %d x %d cells, residual sigma %s dB", grid.mean_db.shape[2], grid.mean_db.shape[1],
              np.round(grid.sigma_db, 2))
