@@ -299,11 +299,11 @@ class LocalizationNet(nn.Module):
         east, north = self.grid_east_m[None], self.grid_north_m[None]  # (1, G)
         return self._gaussian_summary(self._posterior_logits(cost, prior_mean, prior_cov, east, north), east, north)
 
-    def _gaussian_summary(self, logits, east, north):
+    def _gaussian_summary(self, logits, east, north, mode=None):
         # Point estimate: the posterior mode, refined by the posterior mean of its neighbourhood.
         # RSS with unknown power often leaves far-away secondary modes; the global posterior mean
-        # would fall between them.
-        mode = logits.argmax(dim=1)
+        # would fall between them. (``mode``: a given best cell per session, for the parity gate.)
+        mode = logits.argmax(dim=1) if mode is None else mode
         mode_e, mode_n = self.grid_east_m[mode][:, None], self.grid_north_m[mode][:, None]
         near = (((east - mode_e) ** 2 + (north - mode_n) ** 2) <= self.mode_radius_m2).float()
         post = torch.softmax(logits, dim=1)  # (B, G)
