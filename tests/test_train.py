@@ -316,3 +316,44 @@ def test_a_receiver_the_training_sessions_never_heard_is_ignored(tiny_campaign, 
         after = model.locate(*inputs)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_train_refuses_non_finite_weights(tiny_campaign, tmp_path):
+    """Issue 20: a run whose weights went NaN exits non-zero with one line and writes no checkpoint."""
+    from lightning.pytorch.callbacks import Callback
+
+    from heimdall.errors import HeimdallError
+    from heimdall.stages import train
+
+    class Poison(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+    _, _, features = tiny_campaign
+    ckpt, metrics = tmp_path / "model.ckpt", tmp_path / "train.json"
+    with pytest.raises(HeimdallError, match="non-finite weights") as info:
+        train.run(_params(tmp_path), features, ckpt, metrics, tmp_path / "plots", progress=False,
+                  callbacks=(Poison(),))
+    assert "\n" not in str(info.value) and not ckpt.exists() and not metrics.exists()
+
+
+def test_train_refuses_a_non_finite_metric_anywhere_in_the_tree(tiny_campaign, tmp_path, monkeypatch):
+    """A NaN inside a list or a numpy scalar of the calibration metrics (where the first guard did not
+    look) is refused by its dotted key: no checkpoint, no train.json."""
+    from heimdall.errors import HeimdallError
+    from heimdall.stages import train
+
+    real = train.calibrate_regions
+
+    def nan_inside(model, features):
+        out = real(model, features)
+        return {**out, "val_region_coverage_per_level": [0.5, float("nan")], "extra": np.float32("inf")}
+
+    monkeypatch.setattr(train, "calibrate_regions", nan_inside)
+    _, _, features = tiny_campaign
+    ckpt, metrics = tmp_path / "model.ckpt", tmp_path / "train.json"
+    with pytest.raises(HeimdallError, match=r"non-finite metrics \(calibration.val_region_coverage_per_level\[1\], "
+                                            r"calibration.extra\)"):
+        train.run(_params(tmp_path), features, ckpt, metrics, tmp_path / "plots", progress=False)
+    assert not ckpt.exists() and not metrics.exists()
