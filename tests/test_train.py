@@ -357,3 +357,23 @@ def test_train_refuses_a_non_finite_metric_anywhere_in_the_tree(tiny_campaign, t
                                             r"calibration.extra\)"):
         train.run(_params(tmp_path), features, ckpt, metrics, tmp_path / "plots", progress=False)
     assert not ckpt.exists() and not metrics.exists()
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "export-onnx"])
+def test_evaluate_and_export_refuse_a_checkpoint_with_non_finite_values(trained, tmp_path, capsys, verb):
+    """Issue 20: a checkpoint holding NaN (tampered, or written by an older heimdall) is refused by name
+    before evaluate reports on it or export ships it: one line, exit 1, no output."""
+    _, out, _, features = trained
+    payload = torch.load(out / "model.ckpt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    payload["state_dict"][key] = payload["state_dict"][key].clone().fill_(float("nan"))
+    bad = tmp_path / "nan.ckpt"
+    torch.save(payload, bad)
+    params = write_params(tmp_path / "p.yaml", tiny_params_dict(240, **TINY_TRAIN))
+    dest = tmp_path / "out"
+    extra = (["--metrics-dir", str(dest / "metrics"), "--plots-dir", str(dest / "plots")] if verb == "evaluate"
+             else ["--out", str(dest / "model.onnx"), "--metrics", str(dest / "onnx.json")])
+    code = main([verb, "--params", str(params), "--features", str(features), "--checkpoint", str(bad), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "non-finite" in err and key in err
+    assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))
