@@ -118,3 +118,18 @@ def test_stale_temporary_is_swept_even_when_its_pid_was_reused(tmp_path):
         tmp.write_bytes(b"done")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
     assert target.read_bytes() == b"done"
+
+
+def test_write_json_refuses_non_finite_numbers_by_key(tmp_path):
+    """Issue 20: no stage writes NaN/Inf into a JSON output (it is not JSON): one line naming the file
+    and the key, the previous output intact, no temporary left."""
+    from heimdall.atomic import write_json
+    from heimdall.errors import HeimdallError
+
+    out = tmp_path / "test.json"
+    out.write_text('{"previous": 1}\n')
+    with pytest.raises(HeimdallError) as info:
+        write_json(out, {"ok": 1.0, "calibration": {"mass": [0.5, float("nan")], "t": float("-inf")}})
+    msg = str(info.value)
+    assert "\n" not in msg and str(out) in msg and "calibration.mass[1]" in msg and "calibration.t" in msg
+    assert out.read_text() == '{"previous": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["test.json"]

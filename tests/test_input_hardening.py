@@ -186,3 +186,146 @@ def test_receiver_far_outside_the_map_and_unordered_timestamps(small, tmp_path):
     assert np.array_equal(fs.logmel, ref.logmel) and np.array_equal(fs.rss_dbm, ref.rss_dbm)
     # ~1,000 km north of the others (the ENU origin, their mean, moves ~140 km with it)
     assert fs.receiver_enu_m[0, 1] - fs.receiver_enu_m[1:, 1].max() > 900e3
+
+
+# --- issue 20: identities and physical values are checked where they enter ---------------------
+
+def test_file_of_the_other_kind_or_without_attributes_is_a_one_line_error(small, tmp_path):
+    """features.h5 given as --sessions (and the reverse), or a file whose format attributes are gone:
+    one line naming the file and the attribute (the attributes used to be read after closing: traceback)."""
+    params, sessions, features = small
+    result = _extract(params, features, tmp_path / "f.h5")
+    assert isinstance(result, HeimdallError) and "'format'" in str(result) and str(features) in str(result)
+    with pytest.raises(HeimdallError, match="attribute 'format'"):
+        load_features(sessions)
+    for attrs in ({"format": None}, {"format_version": None}, {"format_version": "one"},
+                  {"format_version": np.array([1, 2])}, {"format": b"heimdall.sessions\xff"}):
+        f_path = _copy(sessions, tmp_path, "s.h5")
+        with h5py.File(f_path, "r+") as f:
+            for k, v in attrs.items():
+                if v is None:
+                    del f.attrs[k]
+                else:
+                    f.attrs[k] = v
+        result = _extract(params, f_path, tmp_path / "f.h5")
+        assert isinstance(result, HeimdallError) and str(f_path) in str(result), attrs
+
+
+def _set(f: h5py.File, dataset: str, row: int, value) -> None:
+    ds = f[dataset]
+    arr = ds.asstr()[()].astype(object) if h5py.check_string_dtype(ds.dtype) else ds[()]
+    arr[row] = value
+    ds[...] = arr
+
+
+BAD_IDENTITIES = [
+    ("receivers/name", 2, "@0", "duplicates row 0"),  # "@0": the name of row 0
+    ("receivers/name", 1, " ", "row 1 is empty"),
+    ("receivers/latitude_deg", 1, 91.0, "receivers/latitude_deg row 1"),
+    ("receivers/latitude_deg", 0, np.nan, "receivers/latitude_deg row 0"),
+    ("receivers/longitude_deg", 2, -180.5, "receivers/longitude_deg row 2"),
+    ("receivers/altitude_m", 2, np.inf, "receivers/altitude_m row 2"),
+    ("sessions/frequency_hz", 3, np.nan, "sessions/frequency_hz row 3"),
+    ("sessions/frequency_hz", 4, 0.0, "sessions/frequency_hz row 4"),
+    ("sessions/frequency_hz", 5, -145e6, "sessions/frequency_hz row 5"),
+    ("sessions/frequency_hz", 6, np.inf, "sessions/frequency_hz row 6"),
+    ("sessions/tx_latitude_deg", 7, 95.0, "sessions/tx_latitude_deg row 7"),
+]
+
+
+@pytest.mark.parametrize(("dataset", "row", "value", "expected"), BAD_IDENTITIES)
+def test_duplicate_receivers_bad_positions_and_frequencies_are_refused(small, tmp_path, dataset, row, value,
+                                                                       expected):
+    """In sessions.h5 (extract_features, predict) and in features.h5 (train, evaluate): a duplicate or
+    empty receiver name, a position that is not a coordinate, a NaN / 0 / negative frequency -> one line
+    naming the dataset and row, no output."""
+    params, sessions, features = small
+    for src in (sessions, features):
+        f_path = _copy(src, tmp_path, "x.h5")
+        with h5py.File(f_path, "r+") as f:
+            if value == "@0":
+                value = f["receivers/name"].asstr()[0]
+            _set(f, dataset, row, value)
+        if src == sessions:
+            result = _extract(params, f_path, tmp_path / "f.h5")
+        else:
+            with pytest.raises(HeimdallError) as info:
+                load_features(f_path)
+            result = info.value
+        assert isinstance(result, HeimdallError) and expected in str(result), (src.name, result)
+        assert str(f_path) in str(result) and "\n" not in str(result)
+
+
+@pytest.mark.parametrize(("key", "value"), [("logmel_std_db", 0.0), ("rss_std_db", 0.0), ("snr_std_db", -1.0),
+                                            ("target_std_m", 0.0), ("rss_std_db", np.nan)])
+def test_degenerate_normalisation_std_is_refused(small, tmp_path, key, value):
+    """A std of 0 (or negative, NaN) divides the model's inputs: it trained to NaN and exited 0."""
+    _, _, features = small
+    f_path = _copy(features, tmp_path, "f.h5")
+    with h5py.File(f_path, "r+") as f:
+        arr = f[f"normalization/{key}"][()]
+        f[f"normalization/{key}"][...] = np.full_like(arr, value) if np.ndim(arr) == 0 else \
+            np.where(np.arange(arr.size).reshape(arr.shape) == 0, value, arr)
+    with pytest.raises(HeimdallError, match=f"normalization.{key}"):
+        load_features(f_path)
+
+
+_ATTR_VALUES = st.one_of(st.none(), st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=6),
+                         st.binary(max_size=6), st.booleans(), st.lists(st.integers(-5, 5), min_size=1, max_size=3))
+_DTYPES = st.sampled_from(["int8", "int64", "float16", "float32", "float64", "bool", "S3", "str"])
+
+
+def _corrupt(f: h5py.File, datasets: list[str], data) -> None:
+    """One random corruption: an attribute deleted or set to any value, or a dataset rewritten in another
+    dtype (and maybe one random value)."""
+    if data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(f.attrs.keys()) + ["extra"]))
+        value = data.draw(_ATTR_VALUES)
+        if value is None:
+            f.attrs.pop(key, None)
+        else:
+            f.attrs[key] = np.array(value) if isinstance(value, list) else \
+                (np.void(value) if isinstance(value, bytes) else value)
+        return
+    name = data.draw(st.sampled_from(sorted(d for d in datasets if not d.endswith("/iq"))))
+    ds = f[name]
+    dtype = data.draw(_DTYPES)
+    arr = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+    if data.draw(st.booleans()) and np.size(arr):  # one random value
+        flat = np.array(arr, dtype=object).reshape(-1)
+        flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(st.one_of(
+            st.floats(allow_nan=True), st.integers(-2**31, 2**31), st.text(max_size=5)))
+        arr = flat.reshape(np.shape(arr))
+    del f[name]
+    try:
+        new = np.asarray(arr).astype(h5py.string_dtype() if dtype == "str" else dtype)
+    except (ValueError, TypeError, OverflowError):
+        new = np.zeros(np.shape(arr), dtype="float32")
+    f.create_dataset(name, data=new)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_random_attribute_and_dtype_corruption(small, tmp_path, data):
+    """Property (issue 20): any attribute deleted or set to any value, any dataset rewritten in any dtype
+    or with random values, in sessions.h5 (extract_features) or features.h5 (load_features): the file
+    loads or the reader raises a one-line HeimdallError — never another exception."""
+    params, sessions, features = small
+    kind = data.draw(st.sampled_from(["sessions", "features"]))
+    f_path = _copy(sessions if kind == "sessions" else features, tmp_path, "x.h5")
+    with h5py.File(f_path, "r+") as f:
+        datasets: list[str] = []
+        f.visit(lambda name: datasets.append(name) if isinstance(f[name], h5py.Dataset) else None)
+        for _ in range(data.draw(st.integers(1, 3))):
+            try:
+                _corrupt(f, datasets, data)
+            except (ValueError, TypeError):  # h5py cannot store that value: no corruption this round
+                pass
+    if kind == "sessions":
+        (tmp_path / "f.h5").unlink(missing_ok=True)  # tmp_path is shared by the examples
+        _extract(params, f_path, tmp_path / "f.h5")  # fails the test on any exception but HeimdallError
+    else:
+        try:
+            load_features(f_path)
+        except HeimdallError as e:
+            assert "\n" not in str(e)

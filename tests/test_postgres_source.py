@@ -437,3 +437,44 @@ def test_database_connections_killed_during_export(db, postgres_server, tmp_path
         assert not out.exists() and not list(tmp_path.glob(".sessions.h5.tmp-*"))
     export_sessions.run(params, out, progress=False)
     assert out.read_bytes() == reference.read_bytes()
+
+
+# ---- identities and physical values (issue 20) ---------------------------------------------------
+
+
+def test_duplicate_station_names_are_refused(db, tmp_path):
+    """A database without websdr_stations.name UNIQUE: two stations with one name would be merged into one
+    receiver slot downstream -> one line naming both station ids, no sessions.h5."""
+    db("ALTER TABLE heimdall.websdr_stations DROP CONSTRAINT websdr_stations_name_key")
+    (a, name), (b, _) = db("SELECT id::text, name FROM heimdall.websdr_stations ORDER BY name LIMIT 2")
+    db("UPDATE heimdall.websdr_stations SET name = %s WHERE id = %s", (name, b))
+    _fails(_params(tmp_path), tmp_path / "sessions.h5", a, b, repr(name), "must be unique")
+
+
+@pytest.mark.parametrize("value", [None, 0, -145000000])
+def test_session_without_a_valid_frequency_is_refused(db, tmp_path, value):
+    """NULL (in known_sources and every measurement), 0 or negative frequency: it used to be exported as
+    NaN and crash train with a library traceback -> one line naming the session."""
+    ids = _session_ids(db)
+    db("ALTER TABLE heimdall.measurements ALTER COLUMN frequency_hz DROP NOT NULL")
+    db("""UPDATE heimdall.known_sources SET frequency_hz = %s
+          WHERE id = (SELECT known_source_id FROM heimdall.recording_sessions WHERE id = %s)""", (value, ids[5]))
+    db("UPDATE heimdall.measurements SET frequency_hz = %s WHERE recording_session_id = %s", (value, ids[5]))
+    _fails(_params(tmp_path), tmp_path / "sessions.h5", "frequency_hz", "fix or reject")
+
+
+def test_stations_without_a_position_are_counted(db, tmp_path, capsys):
+    """A station with a NULL (or out-of-range) position cannot be placed: its measurements are excluded,
+    and the stations and measurements are counted in the summary and a warning — never silently."""
+    db("ALTER TABLE heimdall.websdr_stations ALTER COLUMN latitude DROP NOT NULL")
+    names = [r[0] for r in db("SELECT name FROM heimdall.websdr_stations ORDER BY name")]
+    (n_meas,) = db("""SELECT count(*) FROM heimdall.measurements m JOIN heimdall.websdr_stations w
+                      ON w.id = m.websdr_station_id WHERE w.name IN (%s, %s)""", (names[0], names[1]))[0]
+    db("UPDATE heimdall.websdr_stations SET latitude = NULL WHERE name = %s", (names[0],))
+    db("UPDATE heimdall.websdr_stations SET latitude = 91 WHERE name = %s", (names[1],))
+    out = tmp_path / "sessions.h5"
+    summary = export_sessions.run(_params(tmp_path), out, progress=False)
+    assert summary["stations_without_position_excluded"] == 2
+    assert summary["measurements_at_stations_without_position"] == n_meas > 0
+    assert "2 station(s) without a valid position" in capsys.readouterr().err
+    assert not {names[0], names[1]} & set(_str(_read(out)["receivers/name"]))

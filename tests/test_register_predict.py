@@ -408,3 +408,93 @@ def test_predict_refuses_a_model_without_region_metadata(exported, tiny_campaign
     with pytest.raises(HeimdallError, match="re-export the model") as err:
         predict_sessions(tiny_campaign[1], old)
     assert "\n" not in str(err.value)
+
+
+# ---- issue 20: tampered metadata values, control characters in session ids -----------------------
+
+def _tampered(exported_onnx, tmp_path, key: str, edit) -> object:
+    """A copy of the model whose metadata JSON ``key`` is replaced by ``edit(decoded value)`` (raw JSON
+    text if ``edit`` returns a str)."""
+    import onnx
+
+    proto = onnx.load(str(exported_onnx))
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            new = edit(json.loads(prop.value))
+            prop.value = new if isinstance(new, str) else json.dumps(new)
+    out = tmp_path / f"tampered-{key}.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def _set(d: dict, k: str, v) -> dict:
+    return {**d, k: v}
+
+
+TAMPERED = [
+    ("origin", lambda o: json.dumps(o).replace(str(o["latitude_deg"]), "NaN", 1), "origin.latitude_deg"),
+    ("origin", lambda o: _set(o, "latitude_deg", 500.0), "origin.latitude_deg"),
+    ("origin", lambda o: _set(o, "longitude_deg", "east"), "origin.longitude_deg"),
+    ("origin", lambda o: _set(o, "altitude_m", float("inf")), "origin.altitude_m"),
+    ("origin", lambda o: [1, 2], "no origin"),
+    ("grid", lambda g: _set(g, "spacing_m", 0), "grid.spacing_m"),
+    ("grid", lambda g: _set(g, "spacing_m", float("nan")), "grid.spacing_m"),
+    ("grid", lambda g: _set(g, "n_east", "7"), "grid.n_east"),
+    ("grid", lambda g: _set(g, "n_north", -3), "grid.n_north"),
+    ("grid", lambda g: _set(g, "n_east", 1.5), "grid.n_east"),
+    ("grid", lambda g: _set(g, "east0_m", None), "grid.east0_m"),
+    ("regions", lambda r: _set(r, "levels", [float("nan"), *r["levels"][1:]]), "regions.levels[0]"),
+    ("regions", lambda r: _set(r, "levels", [*r["levels"][:-1], 2.0]), "regions.levels"),
+    ("regions", lambda r: _set(r, "levels", list(reversed(r["levels"]))), "not increasing"),
+    ("regions", lambda r: _set(r, "mass", [-1.0, *r["mass"][1:]]), "regions.mass[0]"),
+    ("regions", lambda r: _set(r, "mass", "all"), "re-export"),
+    ("frontend", lambda f: _set(f, "n_fft", "256"), "frontend.n_fft"),
+    ("frontend", lambda f: _set(f, "n_mels", 0), "frontend.n_mels"),
+    ("frontend", lambda f: _set(f, "sample_rate_hz", float("inf")), "frontend.sample_rate_hz"),
+    ("receivers", lambda r: [r[0], *r[1:-1], {**r[-1], "name": r[0]["name"]}], "twice"),
+    ("receivers", lambda r: {"name": "x"}, "receivers"),
+]
+
+
+@pytest.mark.parametrize(("key", "edit", "expected"), TAMPERED, ids=[f"{t[0]}-{i}" for i, t in enumerate(TAMPERED)])
+def test_predict_refuses_tampered_metadata_values(exported, tiny_campaign, tmp_path, key, edit, expected):
+    """A metadata value that is not what the exporter writes (NaN origin, zero spacing, text for a count,
+    levels out of (0, 1), duplicate receiver names): one line naming the key, never a traceback or NaN."""
+    model = _tampered(exported[0], tmp_path, key, edit)
+    with pytest.raises(HeimdallError) as err:
+        predict_sessions(tiny_campaign[1], model)
+    assert expected in str(err.value) and str(model) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_predict_cli_nan_origin_is_an_error_not_invalid_json(exported, tiny_campaign, tmp_path):
+    model = _tampered(exported[0], tmp_path, "origin",
+                      lambda o: json.dumps(o).replace(str(o["latitude_deg"]), "NaN", 1))
+    out = subprocess.run([sys.executable, "-m", "heimdall", "predict", "--sessions", str(tiny_campaign[1]),
+                          "--model", str(model), "--json"], capture_output=True, text=True)
+    assert out.returncode == 1 and "NaN" not in out.stdout and "Traceback" not in out.stderr
+    assert "origin.latitude_deg" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_predict_escapes_control_characters_in_session_ids(exported, tiny_campaign, tmp_path):
+    """A session id holding ESC sequences, a newline, BEL or a bidi override: escaped in the table (one
+    line per session, no raw control byte reaches the terminal), exact and valid in --json."""
+    import shutil
+
+    import h5py
+
+    sessions = tmp_path / "s.h5"
+    shutil.copy(tiny_campaign[1], sessions)
+    hostile = "evil\x1b[2J\nFAKE ROW\x07\u202edi\u2028x"  # (HDF5 strings cannot hold NUL)
+    with h5py.File(sessions, "r+") as f:
+        ids = f["sessions/session_id"].asstr()[()].astype(object)
+        ids[0] = hostile
+        f["sessions/session_id"][...] = ids
+    base = [sys.executable, "-m", "heimdall", "predict", "--sessions", str(sessions), "--model", str(exported[0])]
+    table = subprocess.run([*base, "--session-id", hostile], capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert not any(ch in table.stdout for ch in "\x1b\x07\u202e\u2028")
+    lines = table.stdout.splitlines()
+    assert lines[1].startswith("evil\\x1b[2J\\nFAKE") and not any(line.startswith("FAKE") for line in lines)
+    js = subprocess.run([*base, "--session-id", hostile, "--json"], capture_output=True, text=True)
+    assert js.returncode == 0, js.stderr
+    assert not any(ord(ch) < 32 and ch != "\n" for ch in js.stdout) and json.loads(js.stdout)["session_id"] == hostile

@@ -316,3 +316,64 @@ def test_a_receiver_the_training_sessions_never_heard_is_ignored(tiny_campaign, 
         after = model.locate(*inputs)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_train_refuses_non_finite_weights(tiny_campaign, tmp_path):
+    """Issue 20: a run whose weights went NaN exits non-zero with one line and writes no checkpoint."""
+    from lightning.pytorch.callbacks import Callback
+
+    from heimdall.errors import HeimdallError
+    from heimdall.stages import train
+
+    class Poison(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+    _, _, features = tiny_campaign
+    ckpt, metrics = tmp_path / "model.ckpt", tmp_path / "train.json"
+    with pytest.raises(HeimdallError, match="non-finite weights") as info:
+        train.run(_params(tmp_path), features, ckpt, metrics, tmp_path / "plots", progress=False,
+                  callbacks=(Poison(),))
+    assert "\n" not in str(info.value) and not ckpt.exists() and not metrics.exists()
+
+
+def test_train_refuses_a_non_finite_metric_anywhere_in_the_tree(tiny_campaign, tmp_path, monkeypatch):
+    """A NaN inside a list or a numpy scalar of the calibration metrics (where the first guard did not
+    look) is refused by its dotted key: no checkpoint, no train.json."""
+    from heimdall.errors import HeimdallError
+    from heimdall.stages import train
+
+    real = train.calibrate_regions
+
+    def nan_inside(model, features):
+        out = real(model, features)
+        return {**out, "val_region_coverage_per_level": [0.5, float("nan")], "extra": np.float32("inf")}
+
+    monkeypatch.setattr(train, "calibrate_regions", nan_inside)
+    _, _, features = tiny_campaign
+    ckpt, metrics = tmp_path / "model.ckpt", tmp_path / "train.json"
+    with pytest.raises(HeimdallError, match=r"non-finite metrics \(calibration.val_region_coverage_per_level\[1\], "
+                                            r"calibration.extra\)"):
+        train.run(_params(tmp_path), features, ckpt, metrics, tmp_path / "plots", progress=False)
+    assert not ckpt.exists() and not metrics.exists()
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "export-onnx"])
+def test_evaluate_and_export_refuse_a_checkpoint_with_non_finite_values(trained, tmp_path, capsys, verb):
+    """Issue 20: a checkpoint holding NaN (tampered, or written by an older heimdall) is refused by name
+    before evaluate reports on it or export ships it: one line, exit 1, no output."""
+    _, out, _, features = trained
+    payload = torch.load(out / "model.ckpt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    payload["state_dict"][key] = payload["state_dict"][key].clone().fill_(float("nan"))
+    bad = tmp_path / "nan.ckpt"
+    torch.save(payload, bad)
+    params = write_params(tmp_path / "p.yaml", tiny_params_dict(240, **TINY_TRAIN))
+    dest = tmp_path / "out"
+    extra = (["--metrics-dir", str(dest / "metrics"), "--plots-dir", str(dest / "plots")] if verb == "evaluate"
+             else ["--out", str(dest / "model.onnx"), "--metrics", str(dest / "onnx.json")])
+    code = main([verb, "--params", str(params), "--features", str(features), "--checkpoint", str(bad), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "non-finite" in err and key in err
+    assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))

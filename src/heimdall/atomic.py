@@ -36,6 +36,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from heimdall.errors import HeimdallError
+
 _guardian: subprocess.Popen | None = None
 
 
@@ -150,8 +152,24 @@ def write_json(path: str | Path, obj) -> None:
     they are not JSON, and no stage may report them)."""
     import json
 
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError:  # NaN / ±Inf somewhere: name it, write nothing (the stage exits 1)
+        raise HeimdallError(f"{path}: refusing to write non-finite numbers "
+                            f"({', '.join(non_finite_keys(obj)[:3])}); nothing written") from None
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(text + "\n")
+
+
+def non_finite_keys(obj, key: str = "") -> list[str]:
+    """Dotted keys (``a.b[2]``) of the NaN / ±Inf floats in a JSON-like tree."""
+    import math
+
+    if isinstance(obj, dict):
+        return [b for k, v in obj.items() for b in non_finite_keys(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [b for i, v in enumerate(obj) for b in non_finite_keys(v, f"{key}[{i}]")]
+    return [key or "(value)"] if isinstance(obj, float) and not math.isfinite(obj) else []
 
 
 def md5_file(path: str | Path) -> str:

@@ -52,6 +52,10 @@ def load_checkpoint(path: str | Path) -> tuple[LocalizationNet, dict]:
         raise HeimdallError(f"{path}: checkpoint format_version {payload.get('format_version')!r}; this heimdall "
                             f"reads {CKPT_FORMAT_VERSION} (retrain: dvc repro -f -s train)")
     sd = dict(payload["state_dict"])
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:  # evaluate / export_onnx never report on, or ship, a model with NaN / ±Inf inside
+        raise HeimdallError(f"{path}: checkpoint holds non-finite values in {', '.join(bad[:3])} (retrain)")
     # written before the region temperature existed (issue 18): τ = 1, the uncalibrated posterior
     sd.setdefault("region_temperature", torch.tensor(1.0))
     sd.setdefault("region_mass", torch.tensor(RELIABILITY_LEVELS, dtype=torch.float32))  # uncalibrated: mass = level

@@ -98,7 +98,9 @@ def _cmd_predict(args) -> dict:
         with atomic_path(args.geojson) as tmp:
             tmp.write_text(text + "\n")
     if args.json:
-        print(json.dumps(results if len(results) != 1 or not args.session_id else results[0], indent=2))
+        # ensure_ascii: control characters in session ids stay escaped; allow_nan=False: valid JSON or an error
+        print(json.dumps(results if len(results) != 1 or not args.session_id else results[0], indent=2,
+                         allow_nan=False, ensure_ascii=True))
     else:
         print(format_table(results))
     errors = [r["error_m"] for r in results if "error_m" in r]

@@ -133,13 +133,70 @@ def open_checked(path: str | Path, fmt: str) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError as e:
         raise HeimdallError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {e}") from None
-    if f.attrs.get("format") != fmt:
+    try:  # read the attributes while the file is open: the message quotes them after it is closed
+        found, version = _attr_text(f, "format"), _attr_text(f, "format_version")
+        if found != repr(fmt):
+            raise HeimdallError(f"{path}: attribute 'format' is {found}, expected {fmt!r} (is this a {fmt} file?)")
+        if version != repr(FORMAT_VERSION):
+            raise HeimdallError(f"{path}: unsupported format_version {version}, expected {FORMAT_VERSION}")
+    except BaseException:
         f.close()
-        raise HeimdallError(f"{path}: attribute 'format' is {f.attrs.get('format')!r}, expected {fmt!r}")
-    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        f.close()
-        raise HeimdallError(f"{path}: unsupported format_version {f.attrs.get('format_version')!r}")
+        raise
     return f
+
+
+def _attr_text(f: h5py.File, key: str) -> str:
+    """repr of a scalar attribute as Python sees it ('heimdall.sessions', 1), or why it is not one."""
+    try:
+        v = f.attrs[key]
+    except KeyError:
+        return "missing"
+    except (OSError, TypeError, ValueError) as e:  # an attribute h5py cannot decode
+        return f"unreadable ({type(e).__name__})"
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():  # 1.0 written by another tool is still version 1
+        v = int(v)
+    return repr(v)[:80] if isinstance(v, (str, int)) and not isinstance(v, bool) else f"a {type(v).__name__} value"
+
+
+def check_identities(f: h5py.File, path: str | Path) -> None:
+    """Identities and physical values both file kinds carry, checked where they enter: unique non-empty
+    receiver names, finite WGS-84 receiver positions, a finite positive carrier frequency per session,
+    ground truth (where known) a latitude/longitude. One-line HeimdallError naming the row."""
+    try:
+        names = list(f["receivers/name"].asstr()[()])
+        lat, lon = f["receivers/latitude_deg"][()], f["receivers/longitude_deg"][()]
+        alt, freq = f["receivers/altitude_m"][()], f["sessions/frequency_hz"][()]
+        tx_lat, tx_lon = f["sessions/tx_latitude_deg"][()], f["sessions/tx_longitude_deg"][()]
+    except UnicodeDecodeError:
+        raise HeimdallError(f"{path}: receivers/name is not valid UTF-8") from None
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name.strip():
+            raise HeimdallError(f"{path}: receivers/name row {i} is empty")
+        if name in seen:
+            raise HeimdallError(f"{path}: receivers/name row {i} duplicates row {seen[name]} ({name!r}): "
+                                "receiver names must be unique")
+        seen[name] = i
+    for what, v, bound in (("latitude_deg", lat, 90.0), ("longitude_deg", lon, 180.0), ("altitude_m", alt, 1e5)):
+        bad = ~(np.abs(v) <= bound)  # NaN fails the comparison
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise HeimdallError(f"{path}: receivers/{what} row {i} ({names[i]!r}) is {v[i]!r}, not in "
+                                f"[-{bound:g}, {bound:g}]")
+    bad = ~(np.isfinite(freq) & (freq > 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise HeimdallError(f"{path}: sessions/frequency_hz row {i} is {freq[i]!r}: a carrier frequency must be "
+                            "finite and > 0")
+    for what, v, bound in (("tx_latitude_deg", tx_lat, 90.0), ("tx_longitude_deg", tx_lon, 180.0)):
+        bad = np.isfinite(v) & ~(np.abs(v) <= bound)  # NaN: truth unknown (allowed; extract_features needs it)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise HeimdallError(f"{path}: sessions/{what} row {i} is {v[i]!r}, not in [-{bound:g}, {bound:g}]")
 
 
 def validate_layout(f: h5py.File, layout: tuple[Field, ...], path: str | Path) -> dict[str, int]:

@@ -74,12 +74,16 @@ class FeatureSet:
             yield self.model_inputs(idx[s:s + batch])
 
 
+_NORMALIZATION_KEYS = tuple(fld.path.split("/", 1)[1] for fld in c.FEATURES_LAYOUT if fld.path.startswith("normalization/"))
+
+
 def load_features(path: str | Path) -> FeatureSet:
     """Read and check features.h5: layout, finiteness, non-empty train split."""
     path = Path(path)
     with c.open_checked(path, c.FEATURES_FORMAT) as f:
         c.validate_layout(f, c.FEATURES_LAYOUT, path)
         try:
+            c.check_identities(f, path)
             features = FeatureSet(
                 logmel=f["features/logmel_db"][()],
                 rss_dbm=f["features/rss_dbm"][()],
@@ -98,11 +102,13 @@ def load_features(path: str | Path) -> FeatureSet:
                 ),
                 origin=(float(f.attrs["origin_latitude_deg"]), float(f.attrs["origin_longitude_deg"]),
                         float(f.attrs["origin_altitude_m"])),
-                normalization={k: np.asarray(f[f"normalization/{k}"][()]) for k in f["normalization"]},
+                normalization={k: np.asarray(f[f"normalization/{k}"][()]) for k in _NORMALIZATION_KEYS},
                 attrs={k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
             )
         except (OSError, KeyError) as e:
             raise HeimdallError(f"{path}: read failed (truncated or corrupt?): {e}") from None
+        except (TypeError, ValueError) as e:  # an attribute of the wrong kind, text that is not UTF-8
+            raise HeimdallError(f"{path}: malformed attribute or text: {e}") from None
     for name in ("logmel", "rss_dbm", "snr_db", "target_enu_m"):
         arr = getattr(features, name)
         if not np.isfinite(arr).all():
@@ -110,7 +116,15 @@ def load_features(path: str | Path) -> FeatureSet:
             raise HeimdallError(f"{path}: non-finite value in '{name}' at index {tuple(int(i) for i in bad)}")
     for k, v in features.normalization.items():
         if not np.isfinite(v).all():
-            raise HeimdallError(f"{path}: non-finite normalization statistic '{k}'")
+            raise HeimdallError(f"{path}: normalization/{k} is not finite")
+        # a std divides the inputs (targets): 0 trains to NaN, so it is refused here, by name
+        if "_std_" in k and not (v > 0).all():
+            raise HeimdallError(f"{path}: normalization/{k} has a value {float(v.min())!r} <= 0 (a std divides "
+                                "the model's inputs; re-run extract_features)")
+    lat, lon, alt = features.origin
+    if not (abs(lat) <= 90 and abs(lon) <= 180 and np.isfinite(alt)):
+        raise HeimdallError(f"{path}: attributes origin_latitude_deg / origin_longitude_deg / origin_altitude_m = "
+                            f"{features.origin} are not a position")
     if len(features.indices("train")) == 0:
         raise HeimdallError(f"{path}: the train split is empty")
     if len(features.indices("val")) == 0:

@@ -8,19 +8,41 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from heimdall.errors import HeimdallError
 
 DEFAULT_PARAMS = Path("params.yaml")
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch.manual_seed take 32-bit seeds
+
+
+def _admits_bool(annotation) -> bool:
+    """Whether a field's type accepts a bool (bool itself, or a union / Annotated holding it)."""
+    if annotation is bool:
+        return True
+    return any(_admits_bool(a) for a in get_args(annotation))
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos until proven otherwise.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos until proven otherwise; NaN / ±Inf is never a parameter value.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info: ValidationInfo):
+        # pydantic's lax mode reads `max_epochs: true` as 1: a bool is only a bool
+        if isinstance(v, bool) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number or text, got the boolean {str(v).lower()}")
+        return v
+
+
+def _latlon(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and not (-90 <= v[0] <= 90 and -180 <= v[1] <= 180):
+        raise ValueError(f"{list(v)} is not [latitude, longitude] in degrees (|lat| <= 90, |lon| <= 180)")
+    return v
 
 
 class Receiver(_Section):
@@ -31,12 +53,13 @@ class Receiver(_Section):
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ScenarioParams(_Section):
     """The simulated world: receivers, propagation and the campaign's statistics."""
 
-    seed: int = Field(ge=0)
+    seed: Seed
     receivers: list[Receiver]
     area_margin_km: float = Field(ge=0, le=500)
     frequency_mhz: float = Field(gt=1, le=6000)
@@ -113,7 +136,7 @@ class PostgresSourceParams(_Section):
 
 class ExportSessionsParams(_Section):
     source: Literal["synthetic", "postgres"]
-    seed: int = Field(ge=0)
+    seed: Seed
     n_sessions: int = Field(gt=0, le=10_000_000)
     sample_rate_hz: int = Field(gt=0, le=10_000_000)
     duration_s: PositiveFloat
@@ -145,7 +168,7 @@ class SplitParams(_Section):
     # session but val trains, nothing is held out, evaluate reports no accuracy (docs/params.md "Splits")
     test_fraction: float = Field(ge=0, lt=0.5)
     block_size_km: PositiveFloat = 10.0
-    seed: int = Field(ge=0)
+    seed: Seed
     # strategy: time — test = sessions starting in [test_from, test_until) (ISO 8601; either may be
     # left out; neither: the latest test_fraction of sessions)
     test_from: str | None = None
@@ -217,8 +240,13 @@ class ExtractFeaturesParams(_Section):
     n_mels: int = Field(ge=2, le=512)
     n_frames: int = Field(ge=1, le=4096)
     batch_sessions: int = Field(ge=1, le=100_000)
-    origin: tuple[float, float] | None = None
+    origin: tuple[float, float] | None = None  # [lat, lon] of the ENU origin; None: the receivers' mean
     split: SplitParams
+
+    @field_validator("origin")
+    @classmethod
+    def _origin_latlon(cls, v):
+        return _latlon(v)
 
     @field_validator("n_mels")
     @classmethod
@@ -270,7 +298,7 @@ class RadioMapParams(_Section):
 
 
 class TrainParams(_Section):
-    seed: int = Field(ge=0)
+    seed: Seed
     lr: float = Field(gt=0, le=1)
     weight_decay: float = Field(ge=0, le=1)
     batch_size: int = Field(ge=1, le=65536)
@@ -302,8 +330,6 @@ class RegisterParams(_Section):
 
 class Params(_Section):
     """The whole params.yaml."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
 
     scenario: ScenarioParams
     export_sessions: ExportSessionsParams

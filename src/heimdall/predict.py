@@ -87,10 +87,70 @@ def _region_metadata(meta: dict, model) -> tuple[dict, np.ndarray, np.ndarray]:
     grid, reg = meta.get("grid"), meta.get("regions")
     keys = {"east0_m", "north0_m", "spacing_m", "n_east", "n_north"}
     if not (isinstance(grid, dict) and keys <= grid.keys() and isinstance(reg, dict)
-            and {"levels", "mass"} <= reg.keys() and len(reg["levels"]) == len(reg["mass"]) > 0):
+            and {"levels", "mass"} <= reg.keys() and isinstance(reg["levels"], list) and isinstance(reg["mass"], list)
+            and len(reg["levels"]) == len(reg["mass"]) > 0):
         raise HeimdallError(f"{model}: ONNX metadata has no search-region grid/levels ('grid', 'regions'); "
                             "re-export the model")
-    return grid, np.asarray(reg["levels"], dtype=np.float64), np.asarray(reg["mass"], dtype=np.float64)
+    for k in ("east0_m", "north0_m"):
+        _number(grid[k], f"grid.{k}", model)
+    _number(grid["spacing_m"], "grid.spacing_m", model, lambda x: x > 0, " > 0")
+    for k in ("n_east", "n_north"):
+        _count(grid[k], f"grid.{k}", model)
+    if grid["n_east"] * grid["n_north"] > MAX_GRID_CELLS:
+        raise HeimdallError(f"{model}: ONNX metadata grid has {grid['n_east']}×{grid['n_north']} cells "
+                            f"(more than {MAX_GRID_CELLS:,}); re-export the model")
+    levels = np.array([_number(v, f"regions.levels[{i}]", model, lambda x: 0 < x < 1, " in (0, 1)")
+                       for i, v in enumerate(reg["levels"])])
+    masses = np.array([_number(v, f"regions.mass[{i}]", model, lambda x: 0 < x <= 1, " in (0, 1]")
+                       for i, v in enumerate(reg["mass"])])
+    if (np.diff(levels) <= 0).any():
+        raise HeimdallError(f"{model}: ONNX metadata regions.levels {levels.tolist()} are not increasing")
+    return grid, levels, masses
+
+
+# a grid the graph's (batch, cells) probabilities can hold in memory: 16 M cells
+MAX_GRID_CELLS = 1 << 24
+
+
+def _number(v, key: str, model, ok=lambda x: True, expect: str = "") -> float:
+    """A finite JSON number from the ONNX metadata that ``ok`` accepts, or one line naming the key."""
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
+        raise HeimdallError(f"{model}: ONNX metadata {key} is {v!r}, expected a finite number{expect} "
+                            "(tampered or corrupt model; re-export it)")
+    return float(v)
+
+
+def _count(v, key: str, model) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 20):
+        raise HeimdallError(f"{model}: ONNX metadata {key} is {v!r}, expected a positive integer "
+                            "(tampered or corrupt model; re-export it)")
+    return v
+
+
+def _checked_metadata(meta: dict, model) -> tuple[dict, tuple[float, float, float], list[str]]:
+    """The front-end settings, the ENU origin and the receiver names of an exported model, each value
+    checked (finite, in range, unique names): a tampered metadata value is one line, never a traceback
+    or a NaN in the output."""
+    fe = meta.get("frontend")
+    if not (isinstance(fe, dict) and {"sample_rate_hz", "n_fft", "n_mels", "n_frames"} <= fe.keys()):
+        raise HeimdallError(f"{model}: ONNX metadata has no log-mel front-end settings (re-export the model)")
+    _number(fe["sample_rate_hz"], "frontend.sample_rate_hz", model, lambda x: x > 0, " > 0")
+    for k in ("n_fft", "n_mels", "n_frames"):
+        _count(fe[k], f"frontend.{k}", model)
+    o = meta.get("origin")
+    if not (isinstance(o, dict) and {"latitude_deg", "longitude_deg", "altitude_m"} <= o.keys()):
+        raise HeimdallError(f"{model}: ONNX metadata has no origin (re-export the model)")
+    origin = (_number(o["latitude_deg"], "origin.latitude_deg", model, lambda x: abs(x) <= 90, " in [-90, 90]"),
+              _number(o["longitude_deg"], "origin.longitude_deg", model, lambda x: abs(x) <= 180, " in [-180, 180]"),
+              _number(o["altitude_m"], "origin.altitude_m", model))
+    rx = meta.get("receivers")
+    if not (isinstance(rx, list) and rx and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in rx)):
+        raise HeimdallError(f"{model}: ONNX metadata 'receivers' is not a list of named receivers (re-export the model)")
+    names = [r["name"] for r in rx]
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise HeimdallError(f"{model}: ONNX metadata receivers name {dup!r} twice: receiver names must be unique")
+    return fe, origin, names
 
 
 def _modes(weight: np.ndarray, enu: np.ndarray, cov: np.ndarray, latlon: np.ndarray) -> list[dict]:
@@ -121,9 +181,7 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
     with tempfile.TemporaryDirectory(prefix="heimdall-predict-") as work:
         onnx_path = resolve_model(model, Path(work))
         session, meta = load_onnx_session(onnx_path, intra_op_threads=1)
-    fe = meta.get("frontend") or {}
-    if not {"sample_rate_hz", "n_fft", "n_mels", "n_frames"} <= fe.keys():
-        raise HeimdallError(f"{model}: ONNX metadata has no log-mel front-end settings (re-export the model)")
+    fe, origin, model_rx = _checked_metadata(meta, model)
     grid, levels, masses = _region_metadata(meta, model)
     n_grid = int(grid["n_east"]) * int(grid["n_north"])
     cell_km2 = float(grid["spacing_m"]) ** 2 / 1e6
@@ -133,9 +191,6 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
         missing = [lv for lv in GEOJSON_LEVELS if not np.isclose(levels, lv, rtol=0.0, atol=1e-9).any()]
         if missing:
             raise HeimdallError(f"{model}: the model's region levels {levels.tolist()} lack {missing} (re-export the model)")
-    model_rx = [r["name"] for r in meta["receivers"]]
-    o = meta["origin"]
-    origin = (o["latitude_deg"], o["longitude_deg"], o["altitude_m"])
 
     src, dims = open_sessions(sessions_path)
     with src:
@@ -187,6 +242,11 @@ def predict_sessions(sessions_path: str | Path, model: str | Path, session_ids: 
             graph_out = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds)))
             enu, cov, latlon = graph_out["position_enu_m"], graph_out["covariance_m2"], graph_out["position_latlon"]
             prob = graph_out["cell_probability"]
+            bad = [k for k, v in graph_out.items() if not np.isfinite(v).all()]
+            if bad:  # never a NaN in --json / --geojson: a graph that answers NaN is broken or tampered
+                i = int(np.flatnonzero(~np.isfinite(graph_out[bad[0]].reshape(b, -1)).all(1))[0])
+                raise HeimdallError(f"{model}: the graph's {', '.join(bad)} is not finite for session "
+                                    f"{str(ids[chunk[i]])!r} (tampered or corrupt model; re-export it)")
             if prob.shape != (b, n_grid):
                 raise HeimdallError(f"{model}: cell_probability has {prob.shape[1]} cells; its metadata grid "
                                     f"{grid['n_east']}×{grid['n_north']} (re-export the model)")
@@ -241,6 +301,15 @@ def _km2(a: float) -> str:
     return f"{a:.1f} km²" if a < 10 else f"{a:,.0f} km²"
 
 
+def printable(text: str) -> str:
+    """``text`` with control and format characters (newlines, ESC, bidi overrides...) escaped as
+    \\n, \\x1b, \\u202e: a session id from a file can neither break the table nor drive a terminal."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+                   for ch in text)
+
+
 def format_table(results: list[dict]) -> str:
     """One row per session, then two indented lines: its modes (weight, lat,lon; the probability
     elsewhere) and its search regions (level, area; the smallest one holding the truth, if known)."""
@@ -248,7 +317,7 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         e = r["ellipse_1sigma"]
         err = f"{r['error_m'] / 1e3:9.2f}" if "error_m" in r else f"{'-':>9}"
-        lines.append(f"{r['session_id'][:24]:<24} {r['latitude_deg']:9.4f} {r['longitude_deg']:9.4f} "
+        lines.append(f"{printable(r['session_id'])[:24]:<24} {r['latitude_deg']:9.4f} {r['longitude_deg']:9.4f} "
                      f"{e['semi_major_m'] / 1e3:8.2f}×{e['semi_minor_m'] / 1e3:<9.2f} {e['orientation_deg']:5.0f} "
                      f"{len(r['receivers_used']):>3} {err}")
         if "modes" in r:

@@ -6,6 +6,7 @@ one format whatever the data came from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -86,13 +87,21 @@ def open_sessions(path: Path) -> tuple[h5py.File, dict[str, int]]:
         dims = c.validate_layout(f, c.SESSIONS_LAYOUT, path)
         if dims["N"] == 0:
             raise HeimdallError(f"{path}: contains no sessions")
+        c.check_identities(f, path)
         for key in ("sample_rate_hz", "n_samples"):
             if key not in f.attrs:
                 raise HeimdallError(f"{path}: missing attribute '{key}'")
-        if int(f.attrs["n_samples"]) != dims["S"]:
-            raise HeimdallError(f"{path}: attribute n_samples={f.attrs['n_samples']} but IQ has {dims['S']}")
-        if not float(f.attrs["sample_rate_hz"]) > 0:
-            raise HeimdallError(f"{path}: attribute sample_rate_hz must be > 0")
+        try:
+            n_samples, rate = int(f.attrs["n_samples"]), float(f.attrs["sample_rate_hz"])
+        except (TypeError, ValueError, OSError):
+            raise HeimdallError(f"{path}: attributes n_samples / sample_rate_hz must be numbers") from None
+        if n_samples != dims["S"]:
+            raise HeimdallError(f"{path}: attribute n_samples={n_samples} but IQ has {dims['S']}")
+        if not (math.isfinite(rate) and rate > 0):
+            raise HeimdallError(f"{path}: attribute sample_rate_hz must be finite and > 0, got {rate!r}")
+    except OSError as e:  # a damaged dataset read while checking
+        f.close()
+        raise HeimdallError(f"{path}: read failed (truncated or corrupt?): {e}") from None
     except BaseException:
         f.close()
         raise

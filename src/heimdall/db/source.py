@@ -184,11 +184,24 @@ def _export(conn, db: Database, params: Params, p, path: Path, progress: bool) -
             WHERE {_USABLE}
             ORDER BY w.name, w.id::text""", args)
         stations = cur.fetchall()
+        # stations heard in the exported sessions but without a valid position: excluded, and counted
+        cur.execute(cte + f"""
+            SELECT count(DISTINCT w.id), count(*)
+            FROM selected s
+            JOIN {SCHEMA}.measurements m ON m.recording_session_id = s.id
+            JOIN {SCHEMA}.websdr_stations w ON w.id = m.websdr_station_id
+            WHERE NOT COALESCE({_STATION_POSITIONED}, false)""", args)
+        n_unpositioned, n_unpositioned_meas = (int(v) for v in cur.fetchone())
 
     n, r = len(rows), len(stations)
     session_ids = np.array([row[0] for row in rows], dtype=object)
     freq = np.array([np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64)
-    counts.add("sessions_without_frequency", int(np.isnan(freq).sum()))
+    _check_identities(db, rows, freq, stations)
+    if n_unpositioned:
+        counts.add("stations_without_position_excluded", n_unpositioned)
+        counts.add("measurements_at_stations_without_position", n_unpositioned_meas)
+        print(f"heimdall export-sessions: warning: {n_unpositioned} station(s) without a valid position (NULL or "
+              f"outside ±90/±180): their {n_unpositioned_meas} measurement(s) are excluded", file=sys.stderr)
     null_alt = [s for s in stations if s[4] is None]
     counts.add("stations_null_altitude_defaulted", len(null_alt))
 
@@ -231,6 +244,25 @@ def _export(conn, db: Database, params: Params, p, path: Path, progress: bool) -
     }
     summary.update(sorted(counts.values.items()))
     return summary
+
+
+def _check_identities(db: Database, rows: list, freq: np.ndarray, stations: list) -> None:
+    """A carrier frequency per session (finite, > 0) and one name per station: a database without the
+    NOT NULL / UNIQUE constraints must not export NaN frequencies or merge two receivers by name."""
+    bad = ~(np.isfinite(freq) & (freq > 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise HeimdallError(f"database {db.display}: session {rows[i][0]} (known source {rows[i][1]}) has frequency_hz "
+                            f"{rows[i][3]!r} (NULL, NaN or <= 0 in known_sources and in its measurements); "
+                            f"{int(bad.sum())} such session(s): fix or reject them")
+    by_name: dict[str, str] = {}
+    for station_id, name, *_ in stations:
+        if name is None or not str(name).strip():
+            raise HeimdallError(f"database {db.display}: station {station_id} has no name")
+        if name in by_name:
+            raise HeimdallError(f"database {db.display}: stations {by_name[name]} and {station_id} are both named "
+                                f"{name!r}: receiver names must be unique (websdr_stations.name UNIQUE)")
+        by_name[name] = station_id
 
 
 class _MeasurementReader:

@@ -10,7 +10,6 @@ and models/metrics/train.timings.json (not a DVC output: reruns must give identi
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ from heimdall.kriging import fit_training_map, training_power_range
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.params import Params
 from heimdall.radiomap import RadioMapGrid
+from heimdall.runner import estimate
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
         "radio_map": {"cells": int(grid.mean_db.shape[1] * grid.mean_db.shape[2]),
                       "sigma_db": [float(s) for s in grid.sigma_db]},
     }
-    _refuse_non_finite(model, metrics)
+    _refuse_non_finite(model, metrics, features)
 
     save_checkpoint(model, features.receiver_names, features.receiver_latlon, features.origin, ckpt_path)
     write_json(metrics_path, metrics)
@@ -158,12 +158,33 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
             "mlflow_run_id": run_id}
 
 
-def _refuse_non_finite(model: LocalizationNet, metrics: dict) -> None:
-    """No stage exits 0 with non-finite weights or metrics."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+def _non_finite_paths(value, key: str = "") -> list[str]:
+    """Dotted keys of every non-finite number in a metrics tree (dicts, lists, numpy, tensors)."""
+    if isinstance(value, dict):
+        return [b for k, v in value.items() for b in _non_finite_paths(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [b for i, v in enumerate(value) for b in _non_finite_paths(v, f"{key}[{i}]")]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (float, np.floating, np.ndarray)) and not isinstance(value, bool):
+        arr = np.asarray(value)
+        return [key] if arr.dtype.kind in "fc" and not np.isfinite(arr).all() else []
+    return []
+
+
+def _refuse_non_finite(model: LocalizationNet, metrics: dict, features: FeatureSet | None = None) -> None:
+    """No stage exits 0 with non-finite weights or metrics: every parameter and buffer (persistent or
+    not), every number of the metrics (lists and numpy scalars included) and the model's answer on a
+    few validation sessions must be finite, or nothing is written."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [k for k, v in tensors if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise HeimdallError(f"training produced non-finite weights ({', '.join(bad[:3])}); nothing written")
-    bad = [k for k, v in tracking.flatten(metrics).items()
-           if isinstance(v, float) and not math.isfinite(v)]
+    bad = _non_finite_paths(metrics)
     if bad:
         raise HeimdallError(f"training produced non-finite metrics ({', '.join(bad[:3])}); nothing written")
+    if features is not None and len(features.indices("val")):
+        mean, cov = estimate(model, features.input_batches(features.indices("val")[:32]))
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+            raise HeimdallError("training produced a model whose estimates are non-finite on the validation "
+                                "split; nothing written")
