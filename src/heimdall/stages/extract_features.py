@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from heimdall import contracts as c
 from heimdall import geo
-from heimdall.atomic import atomic_path
+from heimdall.atomic import atomic_path, h5_create, write_failure
 from heimdall.errors import HeimdallError
 from heimdall.features import LogMelFrontend, featurize_block
 from heimdall.params import Params
@@ -60,6 +60,8 @@ def run(params: Params, sessions_path: Path, out: Path, progress: bool = True) -
         try:
             summary = _extract(src, dims, p, sessions_path, tmp, progress)
         except OSError as e:  # HDF5 read errors inside a damaged file surface here
+            if write_failure(e, tmp):
+                raise  # the output's disk: atomic_path names the output
             raise HeimdallError(f"{sessions_path}: read failed (truncated or corrupt?): {e}") from None
     return summary
 
@@ -110,7 +112,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     logmel_stats, rss_stats, snr_stats = _RunningMoments(p.n_mels), _RunningMoments(), _RunningMoments()
     skipped_nonfinite = 0
     no_receivers = 0
-    with h5py.File(path, "w") as f:
+    with h5_create(path) as f:
         f.attrs.update({
             "format": c.FEATURES_FORMAT,
             "format_version": c.FORMAT_VERSION,
