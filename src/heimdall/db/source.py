@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 
+from heimdall.budget import check_export_sessions
 from heimdall.db.connect import SCHEMA, Database
 from heimdall.errors import HeimdallError
 from heimdall.iqstore import IQStore, IQUnavailable, decode_npy, quantize, split_location
@@ -186,6 +187,7 @@ def _export(conn, db: Database, params: Params, p, path: Path, progress: bool) -
         stations = cur.fetchall()
 
     n, r = len(rows), len(stations)
+    check_export_sessions(exp, n, r, BLOCK_SESSIONS, sessions_from=f"database {db.display}: sessions")
     session_ids = np.array([row[0] for row in rows], dtype=object)
     freq = np.array([np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64)
     counts.add("sessions_without_frequency", int(np.isnan(freq).sum()))
