@@ -178,6 +178,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
                 src_sl = slice(start, min(n_in, start + b))
                 rows = keep[src_sl]
                 sl = slice(written, written + int(rows.sum()))
+                rows = slice(None) if sl.stop - sl.start == src_sl.stop - src_sl.start else rows  # no copy
                 written = sl.stop
                 bar.update(src_sl.stop - src_sl.start)
                 if sl.stop == sl.start:
