@@ -84,3 +84,34 @@ def test_train_and_register_against_the_server_then_load_the_champion(client_env
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
     assert np.isfinite(want[0]).all()
+
+
+def test_concurrent_registrations_on_the_server_keep_one_version(client_env, exported, tmp_path):
+    """Two `heimdall register` at once against the server (no file lock can serialise them): a fresh registered
+    model, one version per registration key in the end, and the aliases and both records name it."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    name = "heimdall-race"
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict(**{"register.model_name": name}))
+    metrics = tmp_path / "test.json"
+    metrics.write_text(json.dumps({"n_test": 10, "median_error_m": 321.0}))
+    outs = [tmp_path / f"r{i}" / "registry.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "heimdall", "register", "--params", str(params), "--model",
+                               str(exported[0]), "--test-metrics", str(metrics), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+             for out in outs]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    records = [json.loads(o.read_text()) for o in outs]
+    stores = [json.loads(register.store_path(o).read_text()) for o in outs]
+    client = MlflowClient(client_env.url)
+    versions = client.search_model_versions(records[0]["find_version"])
+    assert records[0] == records[1] and len(versions) == 1, [v.version for v in versions]
+    version = str(versions[0].version)
+    assert {s["version"] for s in stores} == {version}
+    for alias in ("candidate", "champion"):
+        assert str(client.get_model_version_by_alias(name, alias).version) == version

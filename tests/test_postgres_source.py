@@ -310,6 +310,34 @@ def test_missing_and_corrupt_iq_objects_are_skipped_and_counted(db, s3_server, t
     _fails(_params(tmp_path, name="strict.yaml", iq_errors="fail"), tmp_path / "strict.h5", bad, "iq_errors: fail")
 
 
+def test_hostile_iq_locations_and_oversized_objects_are_skipped_and_counted(db, s3_server, tmp_path):
+    """One row's IQ location with '..', one in a bucket that does not exist and one object far larger than the
+    params imply: each receiver is kept RSS-only and counted; the export goes on (it used to abort, or read the
+    object whole)."""
+    from heimdall.iqstore import max_object_bytes
+
+    ids = _session_ids(db)
+    stations = [r[0] for r in db("SELECT websdr_station_id::text FROM heimdall.measurements "
+                                 "WHERE recording_session_id = %s ORDER BY websdr_station_id LIMIT 3", (ids[5],))]
+    params = _params(tmp_path)
+    big = f"tests/{uuid.uuid4().hex}/long.npy"
+    n_big = max_object_bytes(params.export_sessions.n_samples) // 8 + 1000  # a valid recording, far too long
+    s3_server.client().put_object(Bucket="heimdall-raw-iq", Key=big, Body=encode_npy(np.ones(n_big, np.complex64)))
+    locations = ("sessions/../../etc/passwd.npy", "s3://no-such-bucket-heimdall/a.npy", big)
+    for station, location in zip(stations, locations):
+        db("UPDATE heimdall.measurements SET iq_data_location = %s WHERE recording_session_id = %s "
+           "AND websdr_station_id = %s", (location, ids[5], station))
+    out = tmp_path / "sessions.h5"
+    summary = export_sessions.run(params, out, progress=False)
+    assert summary["sessions"] == N_SESSIONS
+    assert summary["iq_bad_location_skipped"] == 1 and summary["iq_unknown_bucket_skipped"] == 1
+    assert summary["iq_oversized_skipped"] == 1
+    f = _read(out)
+    row = _str(f["sessions/session_id"]).index(ids[5])
+    cols = [_str(f["receivers/station_id"]).index(s) for s in stations]
+    assert f["measurements/present"][row, cols].all() and not f["measurements/has_iq"][row, cols].any()
+
+
 def test_s3_credential_faults(db, s3_server, tmp_path, monkeypatch):
     params = _params(tmp_path)
     out = tmp_path / "sessions.h5"

@@ -498,3 +498,41 @@ def test_predict_escapes_control_characters_in_session_ids(exported, tiny_campai
     js = subprocess.run([*base, "--session-id", hostile, "--json"], capture_output=True, text=True)
     assert js.returncode == 0, js.stderr
     assert not any(ord(ch) < 32 and ch != "\n" for ch in js.stdout) and json.loads(js.stdout)["session_id"] == hostile
+
+
+def _race_register(params, onnx_path, metrics, outs, uri):
+    """Start one `heimdall register` per output together on one store; -> their CompletedProcess-like results."""
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen([sys.executable, "-m", "heimdall", "register", "--params", str(params), "--model",
+                               str(onnx_path), "--test-metrics", str(metrics), "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for out in outs]
+    return [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+
+
+def test_concurrent_registrations_register_once_with_consistent_aliases(exported, tmp_path):
+    """Two `heimdall register` at once on one (fresh, then existing) sqlite store: both succeed, one version per
+    registration key, and both records point at the version the aliases name."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/race.db"
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
+    for round_, median in enumerate((900.0, 800.0)):  # a fresh store, then one with a champion
+        metrics = _test_json(tmp_path / f"test{round_}.json", median)
+        outs = [tmp_path / f"r{round_}-{i}" / "registry.json" for i in range(2)]
+        for rc, err in _race_register(params, exported[0], metrics, outs, uri):
+            assert rc == 0 and "Traceback" not in err, err[-3000:]
+        records = [json.loads(o.read_text()) for o in outs]
+        stores = [json.loads(register.store_path(o).read_text()) for o in outs]
+        assert records[0] == records[1]
+        key = records[0]["registration_key"]
+        client = MlflowClient(uri)
+        versions = client.search_model_versions(f"name = 'heimdall-localization' and tags.registration_key = '{key}'")
+        assert len(versions) == 1, [v.version for v in versions]
+        version = str(versions[0].version)
+        assert {s["version"] for s in stores} == {version}
+        assert str(client.get_model_version_by_alias("heimdall-localization", "candidate").version) == version
+        assert str(client.get_model_version_by_alias("heimdall-localization", "champion").version) == version
+        assert all("candidate" in s["aliases"] and "champion" in s["aliases"] for s in stores)
+    assert len(MlflowClient(uri).search_model_versions("name = 'heimdall-localization'")) == 2

@@ -26,6 +26,7 @@ not dropped when the writer's library closes another descriptor of the same file
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -59,19 +60,81 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _try_lock(lock_fd)
-        yield tmp
-        with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            yield tmp
+            with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except Exception as e:  # a full disk or a read-only folder: one line naming the output, not the temporary
+            reason = write_failure(e, tmp)
+            if reason is None:
+                raise
+            raise HeimdallError(f"{target}: cannot write: {reason}; nothing written (the previous output, if any, "
+                                "is intact)") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.close(lock_fd)
+
+
+# errno values that mean "this output cannot be written here", whatever the file: reported as one line
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_WRITE_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system")
+
+
+def write_failure(e: BaseException, path: str | Path | None = None) -> str | None:
+    """Why ``e`` is a failure to write an output (full disk, quota, read-only or unwritable ``path``),
+    as a short reason; None for any other exception. Libraries wrap the OS error (torch.save raises
+    RuntimeError, HDF5 OSError without errno), so their messages are recognised too."""
+    if isinstance(e, OSError):
+        if e.errno in _WRITE_ERRNOS:
+            return os.strerror(e.errno)
+        if path is not None and e.filename is not None and Path(e.filename) == Path(path):
+            return os.strerror(e.errno) if e.errno else " ".join(str(e).split())[:200]
+    if isinstance(e, (OSError, RuntimeError)):
+        text = str(e)
+        for message in _WRITE_MESSAGES:
+            if message in text:
+                return message
+    return None
+
+
+@contextlib.contextmanager
+def h5_create(path: str | Path):
+    """``h5py.File(path, "w")`` that fails with the write error (ENOSPC, ...) instead of crashing.
+
+    When a write fails, HDF5 keeps the dirty cache and retries it on every later close, and a close
+    that keeps failing crashes the interpreter (exit 139). So on a write failure the file's descriptor
+    is pointed at /dev/null (the output is deleted anyway): the close then succeeds and the original
+    error propagates. Writing by name (the sec2 driver) keeps the bytes identical to ``h5py.File``.
+    """
+    import h5py
+
+    f = h5py.File(path, "w")
+    fd = f.id.get_vfd_handle()
+    try:
+        yield f
+        f.flush()  # a failure here leaves every object open; a failing close would leave them half-closed
+        f.close()
+    except BaseException as e:
+        failure = write_failure(e)
+        if failure is not None:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        with contextlib.suppress(Exception):
+            f.close()
+        if failure is not None and not (isinstance(e, OSError) and e.errno in _WRITE_ERRNOS):
+            err = errno.ENOSPC if failure == _WRITE_MESSAGES[0] else errno.EIO
+            raise OSError(err, failure, str(path)) from None
+        raise
 
 
 def remove_stale_temporaries(target: str | Path) -> list[Path]:

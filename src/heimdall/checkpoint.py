@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +36,26 @@ def save_checkpoint(model: LocalizationNet, receiver_names, receiver_latlon_alt:
         "origin": [float(v) for v in origin],
         "has_map": model.has_map,
     }
+    # torch.save to a path reports a full disk as an opaque RuntimeError ("unexpected pos"): measure the size
+    # first and turn a failure on a disk without that much room into the OSError it is (torch.save to a buffer
+    # would name the archive differently and change the bytes)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    size = buf.tell()
     with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+        try:
+            if _free_bytes(tmp.parent) < size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            torch.save(payload, tmp)
+        except RuntimeError:
+            if _free_bytes(tmp.parent) < size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+            raise
+
+
+def _free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
 
 
 def load_checkpoint(path: str | Path) -> tuple[LocalizationNet, dict]:

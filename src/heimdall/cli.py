@@ -266,6 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     except HeimdallError as e:
         print(f"heimdall {args.verb}: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"heimdall {args.verb}: error: out of memory (the estimate before allocating missed it): lower the "
+              "params that size the data, or run on a larger machine (docs/reliability.md \"Memory\")", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        from heimdall.atomic import write_failure
+
+        reason = write_failure(e)
+        if reason is None and not isinstance(e, OSError):
+            raise
+        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+        first = (reason or e.strerror or str(e)).strip().splitlines()
+        print(f"heimdall {args.verb}: error: {where}{first[0] if first else type(e).__name__}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"heimdall {args.verb}: interrupted; no output written", file=sys.stderr)
         return 130

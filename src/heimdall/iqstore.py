@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 
@@ -41,6 +42,29 @@ def split_location(location: str, default_bucket: str) -> tuple[str, str]:
         bucket, _, key = location[5:].partition("/")
         return bucket, key
     return default_bucket, location.lstrip("/")
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def check_location(bucket: str, key: str) -> None:
+    """IQUnavailable('bad_location') for a location that cannot name one object of the store: an invalid bucket
+    name, an empty key, '.'/'..' segments or control characters (one row's fault, never the whole export's)."""
+    parts = key.split("/")
+    if (not _BUCKET_NAME.match(bucket) or not key or any(p in ("", ".", "..") for p in parts)
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in bucket + key)):
+        raise IQUnavailable("bad_location", f"s3://{bucket!r}/{key!r}: not a valid object location")
+
+
+# An object may hold a longer recording than the export keeps (its first n_samples are used), but one far
+# larger than the params imply is not read: up to this many times the complex128 size of n_samples, plus room
+# for the .npy header. docs/sources.md.
+IQ_OBJECT_SLACK = 64
+IQ_HEADER_BYTES = 1 << 20
+
+
+def max_object_bytes(n_samples: int) -> int:
+    return IQ_HEADER_BYTES + IQ_OBJECT_SLACK * 16 * int(n_samples)
 
 
 class IQStore:
@@ -96,12 +120,22 @@ class IQStore:
             raise self._fatal(e, bucket, "access check") from None
         self._checked.add(bucket)
 
-    def get(self, bucket: str, key: str) -> bytes:
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; IQUnavailable('oversized') without reading it when larger than ``max_bytes``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         self.check_bucket(bucket)
         try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            body, size = resp["Body"], resp.get("ContentLength")
+            if max_bytes is None:
+                return body.read()
+            data = b"" if size is not None and size > max_bytes else body.read(max_bytes + 1)
+            if len(data) > max_bytes or not data and size:
+                body.close()
+                raise IQUnavailable("oversized", f"s3://{bucket}/{key}: {size if size is not None else len(data):,} "
+                                    f"bytes, more than the {max_bytes:,} the export's samples imply; not read")
+            return data
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in _MISSING_CODES:
                 raise IQUnavailable("missing", f"s3://{bucket}/{key}: object not found") from None

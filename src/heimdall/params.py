@@ -241,6 +241,9 @@ class ExtractFeaturesParams(_Section):
     n_frames: int = Field(ge=1, le=4096)
     batch_sessions: int = Field(ge=1, le=100_000)
     origin: tuple[float, float] | None = None  # [lat, lon] of the ENU origin; None: the receivers' mean
+    # sessions whose transmitter is farther than this from every receiver are excluded (and counted): a
+    # position no receiver could hear, e.g. a GPS fix without a position at (0, 0) (docs/params.md)
+    max_target_distance_km: float = Field(default=500.0, gt=0, le=20100)
     split: SplitParams
 
     @field_validator("origin")

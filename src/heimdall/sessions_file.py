@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from heimdall import contracts as c
+from heimdall.atomic import h5_create
 from heimdall.errors import HeimdallError
 
 # IQ chunk = 8 sessions x all receivers x all samples: extract_features reads whole sessions in
@@ -42,7 +43,7 @@ def write_sessions(
     r = len(receivers["name"])
     layout = {fld.path: fld for fld in c.SESSIONS_LAYOUT}
     # track_times=False everywhere (h5py's default): no wall-clock inside, so same input -> same bytes.
-    with h5py.File(path, "w") as f:
+    with h5_create(path) as f:
         f.attrs["format"] = c.SESSIONS_FORMAT
         f.attrs["format_version"] = c.FORMAT_VERSION
         for k, v in attrs.items():

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 
+from heimdall.budget import check_export_sessions
 from heimdall.db.connect import SCHEMA, Database
 from heimdall.errors import HeimdallError
-from heimdall.iqstore import IQStore, IQUnavailable, decode_npy, quantize, split_location
+from heimdall.iqstore import (IQStore, IQUnavailable, check_location, decode_npy, max_object_bytes, quantize,
+                              split_location)
 from heimdall.params import Params
 from heimdall.sessions_file import IQ_CHUNK_SESSIONS, write_sessions
 
@@ -194,6 +196,7 @@ def _export(conn, db: Database, params: Params, p, path: Path, progress: bool) -
         n_unpositioned, n_unpositioned_meas = (int(v) for v in cur.fetchone())
 
     n, r = len(rows), len(stations)
+    check_export_sessions(exp, n, r, BLOCK_SESSIONS, sessions_from=f"database {db.display}: sessions")
     session_ids = np.array([row[0] for row in rows], dtype=object)
     freq = np.array([np.nan if row[3] is None else row[3] for row in rows], dtype=np.float64)
     _check_identities(db, rows, freq, stations)
@@ -276,6 +279,7 @@ class _MeasurementReader:
         self.s, self.rate_hz = exp.n_samples, float(exp.sample_rate_hz)
         self.p, self.counts = p, counts
         self.store = IQStore(p.s3_bucket)
+        self.bad_buckets: set[str] = set()
         self.warned = 0
 
     def _rows(self) -> Iterator[tuple]:
@@ -345,8 +349,15 @@ class _MeasurementReader:
                 continue
             fetch.append((i, j, *split_location(location, self.p.s3_bucket)))
         if fetch:
-            for bucket in sorted({f[2] for f in fetch}):
-                self.store.check_bucket(bucket)  # credentials / access faults: here, once, in this thread
+            for bucket in sorted({f[2] for f in fetch} - self.bad_buckets):
+                try:
+                    check_location(bucket, "x")
+                    self.store.check_bucket(bucket)  # credentials / access faults: here, once, in this thread
+                except (HeimdallError, IQUnavailable) as e:
+                    if bucket == self.p.s3_bucket:
+                        raise  # the export's own bucket: every recording would fail
+                    self.bad_buckets.add(bucket)  # another bucket named by some rows: those rows' fault
+                    self._warn(f"{e}; its recordings are skipped")
             with ThreadPoolExecutor(IQ_FETCH_THREADS) as pool:
                 results = list(pool.map(self._fetch_one, fetch))
             for (i, j, bucket, key), res in zip(fetch, results):
@@ -364,7 +375,10 @@ class _MeasurementReader:
     def _fetch_one(self, item):
         _, _, bucket, key = item
         try:
-            return decode_npy(self.store.get(bucket, key), f"s3://{bucket}/{key}", self.s)
+            check_location(bucket, key)
+            if bucket in self.bad_buckets:
+                raise IQUnavailable("unknown_bucket", f"s3://{bucket}/{key}: bucket not readable")
+            return decode_npy(self.store.get(bucket, key, max_object_bytes(self.s)), f"s3://{bucket}/{key}", self.s)
         except IQUnavailable as e:
             return e
 

@@ -20,6 +20,7 @@ from heimdall.atomic import md5_file, write_json
 from heimdall.calibration import model_grid, model_grid_cells
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.contracts import RELIABILITY_LEVELS
+from heimdall.budget import check_features_file
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.evaluation import gaussian_metrics
@@ -174,6 +175,7 @@ def _production_run(params: Params, ckpt_path: Path, metrics_dir: Path, plots_di
 def run(params: Params, features_path: Path, ckpt_path: Path, metrics_dir: Path, plots_dir: Path) -> dict:
     t_start = time.perf_counter()
     model, payload = load_checkpoint(ckpt_path)
+    check_features_file(features_path, "evaluate")
     features = load_features(features_path)
     check_features_match(payload, model, features, features_path)
     te = features.indices("test")

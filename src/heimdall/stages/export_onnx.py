@@ -21,6 +21,7 @@ import numpy as np
 from heimdall.atomic import atomic_path, md5_file, write_json
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.contracts import INPUT_NAMES, OUTPUT_NAMES
+from heimdall.budget import check_features_file
 from heimdall.data import load_features
 from heimdall.errors import HeimdallError
 from heimdall.export.graph import (
@@ -69,6 +70,7 @@ def run(ckpt_path: str | Path, features_path: str | Path, onnx_path: str | Path,
                             ">= 1 (warmup_runs >= 0)")
 
     model, payload = load_checkpoint(ckpt_path)
+    check_features_file(features_path, "export_onnx")
     features = load_features(features_path)
     check_features_match(payload, model, features, features_path)
     test_idx = features.indices("test")

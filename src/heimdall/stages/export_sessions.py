@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from heimdall.atomic import atomic_path
+from heimdall.budget import check_export_sessions
 from heimdall.errors import HeimdallError
 from heimdall.params import Params
-from heimdall.simulator import export_campaign
+from heimdall.simulator import SIM_BLOCK_SESSIONS, export_campaign
 
 
 def run(params: Params, out: Path, progress: bool = True) -> dict:
     source = params.export_sessions.source
+    if source == "synthetic":  # before allocating (the postgres source checks once it knows its sessions)
+        exp = params.export_sessions
+        check_export_sessions(exp, exp.n_sessions, len(params.scenario.receivers), SIM_BLOCK_SESSIONS, out)
     with atomic_path(out) as tmp:
         if source == "synthetic":
             summary = export_campaign(params, tmp, progress)

@@ -7,6 +7,7 @@ train/val/test split and computes normalisation statistics from the training spl
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
@@ -16,12 +17,16 @@ from tqdm import tqdm
 
 from heimdall import contracts as c
 from heimdall import geo
-from heimdall.atomic import atomic_path
+from heimdall.atomic import atomic_path, h5_create, write_failure
+from heimdall.budget import check_extract_features
 from heimdall.errors import HeimdallError
 from heimdall.features import LogMelFrontend, featurize_block
 from heimdall.params import Params
 from heimdall.sessions_file import open_sessions
 from heimdall.splits import assign_split
+
+log = logging.getLogger(__name__)
+EARTH_MEAN_RADIUS_KM = 6371.0088
 
 _COPIED_SESSION_FIELDS = (
     "session_id", "group_id", "start_time_unix_s", "frequency_hz",
@@ -56,10 +61,17 @@ def run(params: Params, sessions_path: Path, out: Path, progress: bool = True) -
     p = params.extract_features
     torch.set_num_threads(max(1, torch.get_num_threads()))
     src, dims = open_sessions(sessions_path)
+    try:
+        check_extract_features(p, dims["N"], dims["R"], dims["S"], p.n_frames, out)
+    except BaseException:
+        src.close()
+        raise
     with src, atomic_path(out) as tmp:
         try:
             summary = _extract(src, dims, p, sessions_path, tmp, progress)
         except OSError as e:  # HDF5 read errors inside a damaged file surface here
+            if write_failure(e, tmp):
+                raise  # the output's disk: atomic_path names the output
             raise HeimdallError(f"{sessions_path}: read failed (truncated or corrupt?): {e}") from None
     return summary
 
@@ -78,6 +90,20 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     ids = sess["session_id"]
     if len(np.unique(ids)) != n:
         raise HeimdallError(f"{sessions_path}: duplicate session ids")
+    # Targets no receiver could have heard (a GPS fix without a position at 0, 0) are excluded before the split
+    # and the normalisation, and counted: one of them would size the radio map to the globe.
+    keep = nearest_receiver_km(sess["tx_latitude_deg"], sess["tx_longitude_deg"], rx["latitude_deg"],
+                               rx["longitude_deg"]) <= p.max_target_distance_km
+    outside = int((~keep).sum())
+    if outside == n:
+        raise HeimdallError(f"{sessions_path}: every session's transmitter is farther than "
+                            f"extract_features.max_target_distance_km={p.max_target_distance_km:g} from every receiver")
+    if outside:
+        log.warning("%s: %d session(s) excluded, transmitter farther than extract_features.max_target_distance_km="
+                    "%g from every receiver (first: row %d, %s)", sessions_path, outside, p.max_target_distance_km,
+                    int(np.argmax(~keep)), ids[np.argmax(~keep)])
+        sess = {k: v[keep] for k, v in sess.items()}
+        n = int(keep.sum())
 
     origin = (*p.origin, 0.0) if p.origin is not None else geo.network_origin(rx["latitude_deg"], rx["longitude_deg"])
     rx_enu = np.stack(geo.geodetic_to_enu(rx["latitude_deg"], rx["longitude_deg"], rx["altitude_m"], origin), axis=1)
@@ -110,7 +136,7 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     logmel_stats, rss_stats, snr_stats = _RunningMoments(p.n_mels), _RunningMoments(), _RunningMoments()
     skipped_nonfinite = 0
     no_receivers = 0
-    with h5py.File(path, "w") as f:
+    with h5_create(path) as f:
         f.attrs.update({
             "format": c.FEATURES_FORMAT,
             "format_version": c.FORMAT_VERSION,
@@ -146,12 +172,20 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
         out_has_iq = c.create(f, layout["features/has_iq"], (n, r))
 
         m = src["measurements"]
-        with tqdm(total=n, desc="extract_features", unit="session", disable=None if progress else True) as bar:
-            for start in range(0, n, b):
-                sl = slice(start, min(n, start + b))
+        n_in, written = len(keep), 0
+        with tqdm(total=n_in, desc="extract_features", unit="session", disable=None if progress else True) as bar:
+            for start in range(0, n_in, b):
+                src_sl = slice(start, min(n_in, start + b))
+                rows = keep[src_sl]
+                sl = slice(written, written + int(rows.sum()))
+                rows = slice(None) if sl.stop - sl.start == src_sl.stop - src_sl.start else rows  # no copy
+                written = sl.stop
+                bar.update(src_sl.stop - src_sl.start)
+                if sl.stop == sl.start:
+                    continue
                 feats, skipped = featurize_block(
-                    m["present"][sl], m["rss_dbm"][sl], m["snr_db"][sl], m["has_iq"][sl], m["iq_scale"][sl],
-                    m["iq"][sl],  # (B, R, S, 2) int16: one contiguous read of whole chunks
+                    *(m[k][src_sl][rows] for k in ("present", "rss_dbm", "snr_db", "has_iq", "iq_scale")),
+                    m["iq"][src_sl][rows],  # (B, R, S, 2) int16: one contiguous read of whole chunks
                     frontend,
                 )
                 skipped_nonfinite += skipped
@@ -167,7 +201,6 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
                 logmel_stats.add(mel[sel].transpose(0, 2, 1).reshape(-1, p.n_mels))  # every frame a row
                 rss_stats.add(rss[present & tr[:, None]])
                 snr_stats.add(snr[present & tr[:, None]])
-                bar.update(sl.stop - sl.start)
 
         have_iq = logmel_stats.n > 0
         lm_mean, lm_std = logmel_stats.result("IQ") if have_iq else (np.zeros(p.n_mels), np.ones(p.n_mels))
@@ -187,4 +220,12 @@ def _extract(src: h5py.File, dims: dict, p, sessions_path: Path, path: Path, pro
     # Sessions left with no usable receiver are kept (the model answers with its prior; metrics stay
     # finite) and counted, so a bad export is visible in the stage summary.
     return {"sessions": n, "receivers": r, "split": counts, "skipped_nonfinite_measurements": skipped_nonfinite,
-            "sessions_without_receivers": no_receivers}
+            "sessions_without_receivers": no_receivers, "sessions_outside_area": outside}
+
+
+def nearest_receiver_km(lat, lon, rx_lat, rx_lon) -> np.ndarray:
+    """Great-circle distance (km, spherical Earth) from every position to its nearest receiver."""
+    p1, p2 = np.radians(np.asarray(lat, float))[:, None], np.radians(np.asarray(rx_lat, float))[None]
+    dlon = np.radians(np.asarray(lon, float))[:, None] - np.radians(np.asarray(rx_lon, float))[None]
+    h = np.sin((p2 - p1) / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlon / 2) ** 2
+    return (2 * EARTH_MEAN_RADIUS_KM * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))).min(axis=1)

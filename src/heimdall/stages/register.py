@@ -17,6 +17,8 @@ without running it, and a registry entry cannot be restored from a cache.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -80,10 +82,18 @@ def _signature(onnx_path: Path):
 
 
 def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location())
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location())
+    except MlflowException as e:  # created concurrently (another register, or train)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise e from None
+        return exp.experiment_id
 
 
 def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, out: str | Path) -> dict:
@@ -120,35 +130,53 @@ def run(params: Params, onnx_path: str | Path, test_metrics_path: str | Path, ou
     uri = tracking_uri()
     safe_uri = redact_uri(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+
+    # Concurrency: registrations on one local store (sqlite, file) are serialised by a file lock, from the
+    # store's creation to the aliases; on a server, two registrations of one key may both create a version,
+    # and both then keep the lowest one (the other is deleted), so the aliases and registry.json agree.
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        try:
+            _ensure_registered(client, p.model_name)
+            find = f"name = '{p.model_name}' and tags.registration_key = '{key}'"
+            existing = client.search_model_versions(find)
+            if existing:
+                mv = min(existing, key=lambda v: int(v.version))
+                run_id = mv.run_id
+                log.info("%s version %s already registers this model with these metrics: reusing it", p.model_name,
+                         mv.version)
+            else:
+                mv, run_id = _log_and_register(client, p, tags, metrics, onnx_path)
+                mv, run_id = _dedupe(client, p.model_name, find, mv, run_id)
+            version, aliases, promoted, champ, champ_err = _set_aliases(client, p.model_name, version=str(mv.version),
+                                                                        metrics=metrics)
+        except MlflowException as e:
+            raise HeimdallError(f"MLflow at {safe_uri}: {scrub(str(e).strip().splitlines()[0])}") from None
+    return _write_records(p, key, onnx_md5, metrics, version, aliases, run_id, safe_uri, promoted, champ, champ_err,
+                          tags, out)
+
+
+def _set_aliases(client, name: str, version: str, metrics: dict):
+    from mlflow.exceptions import MlflowException
+
+    client.set_registered_model_alias(name, CANDIDATE, version)
 
     try:
-        _ensure_registered(client, p.model_name)
-        existing = client.search_model_versions(f"name = '{p.model_name}' and tags.registration_key = '{key}'")
-        if existing:
-            mv = max(existing, key=lambda v: int(v.version))
-            run_id = mv.run_id
-            log.info("%s version %s already registers this model with these metrics: reusing it", p.model_name,
-                     mv.version)
-        else:
-            mv, run_id = _log_and_register(client, p, tags, metrics, onnx_path)
-        version = str(mv.version)
-        client.set_registered_model_alias(p.model_name, CANDIDATE, version)
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    champ_err = float(champ.tags.get("test.median_error_m", "inf")) if champ is not None else math.inf
+    # a production run measured nothing: it never becomes champion by itself, not even in an empty
+    # registry (promote it by hand: docs/operations.md "Production runs")
+    promoted = "median_error_m" in metrics and metrics["median_error_m"] < champ_err
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    return version, aliases, promoted, champ, champ_err
 
-        try:
-            champ = client.get_model_version_by_alias(p.model_name, CHAMPION)
-        except MlflowException:
-            champ = None
-        champ_err = float(champ.tags.get("test.median_error_m", "inf")) if champ is not None else math.inf
-        # a production run measured nothing: it never becomes champion by itself, not even in an empty
-        # registry (promote it by hand: docs/operations.md "Production runs")
-        promoted = "median_error_m" in metrics and metrics["median_error_m"] < champ_err
-        if promoted:
-            client.set_registered_model_alias(p.model_name, CHAMPION, version)
-        aliases = sorted(client.get_model_version(p.model_name, version).aliases)
-    except MlflowException as e:
-        raise HeimdallError(f"MLflow at {safe_uri}: {scrub(str(e).strip().splitlines()[0])}") from None
 
+def _write_records(p, key, onnx_md5, metrics, version, aliases, run_id, safe_uri, promoted, champ, champ_err,
+                   tags, out: Path) -> dict:
     # registry.json (the DVC output) holds what the inputs determine, so reruns and fresh clones give
     # the same bytes; what the store decided (version, aliases, run) depends on its history and goes
     # beside it, git-ignored: registry.store.json. The registration key finds the version again.
@@ -205,5 +233,52 @@ def _ensure_registered(client, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Heimdall LocalizationNet (ONNX): WebSDR receivers' "
-                                       "features -> transmitter position with a 2x2 covariance.")
+        try:
+            client.create_registered_model(name, description="Heimdall LocalizationNet (ONNX): WebSDR receivers' "
+                                           "features -> transmitter position with a 2x2 covariance.")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another registration created it meanwhile: fine
+                raise
+
+
+def _dedupe(client, name: str, find: str, mv, run_id: str):
+    """After creating ``mv``: if a concurrent registration created a version with the same key too, every
+    process keeps the lowest version and deletes its own extra one -> (kept version, its run id)."""
+    same = client.search_model_versions(find)
+    if len(same) <= 1:
+        return mv, run_id
+    keep = min(same, key=lambda v: int(v.version))
+    if str(keep.version) != str(mv.version):
+        log.warning("%s version %s registers the same model concurrently: keeping it, deleting version %s", name,
+                    keep.version, mv.version)
+        client.delete_model_version(name, str(mv.version))
+    return keep, keep.run_id
+
+
+def _store_path(uri: str) -> Path | None:
+    """The lock file of a local store (sqlite database, file store), None for a server."""
+    from urllib.parse import urlsplit
+
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        return None if db in ("", ":memory:") else Path(db).with_name(Path(db).name + ".register.lock")
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return Path(parts.path) / ".register.lock"
+    return None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Exclusive inter-process lock on a local store for the duration of a registration (nothing on servers)."""
+    path = _store_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

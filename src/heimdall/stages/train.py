@@ -21,13 +21,14 @@ import torch
 from heimdall import tracking
 from heimdall.atomic import md5_file, write_json
 from heimdall.calibration import calibrate_refinement, calibrate_regions
+from heimdall.budget import check_features_file, check_radio_map
 from heimdall.checkpoint import save_checkpoint
 from heimdall.data import FeatureSet, load_features
 from heimdall.errors import HeimdallError
 from heimdall.kriging import fit_training_map, training_power_range
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.params import Params
-from heimdall.radiomap import RadioMapGrid
+from heimdall.radiomap import RadioMapGrid, bounds_around
 from heimdall.runner import estimate
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 
+    check_features_file(features_path, "train")
     features = load_features(features_path)
     if params.model.inputs in ("spectrogram", "both") and not features.has_iq.any():
         raise HeimdallError(f"model.inputs: '{params.model.inputs}' needs spectrograms but {features_path} has no IQ; "
@@ -88,6 +90,8 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
     if tp.batch_size > n_train:
         log.warning("train.batch_size %d > %d training sessions: using %d", tp.batch_size, n_train, n_train)
 
+    check_radio_map(bounds_around(features.target_enu_m[features.indices("train")], rm.margin_km * 1e3), rm,
+                    features.n_receivers, tp.batch_size)
     t = time.perf_counter()
     grid = fit_training_map(features, rm.spacing_km * 1e3, rm.margin_km * 1e3, rm.min_snr_db, tp.seed, rm.uncertainty)
     timings = {"radio_map_fit_s": time.perf_counter() - t}
