@@ -70,7 +70,7 @@ class ModelConfig:
     misfit: str = "none"
     # > 0: evidence from this many nearest training fingerprints joins the posterior (calibrated fp_weight)
     fingerprint_k: int = 0
-    # > 0: Student-t readings with this many degrees of freedom (txpower.profile_tx_power_robust)
+    # > 0: Student-t readings with this many degrees of freedom (txpower.profile_tx_power_general)
     likelihood_nu: float = 0.0
 
 
