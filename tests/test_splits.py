@@ -158,7 +158,6 @@ def test_production_run_trains_on_all_but_val_and_measures_nothing(tiny_campaign
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     d = tiny_params_dict(240, **TINY_TRAIN, **{"extract_features.split.test_fraction": 0})
     params = load_params(write_params(tmp_path / "params.yaml", d))
-    assert params.extract_features.split.production
     features_path = tmp_path / "features.h5"
     extract_features.run(params, tiny_campaign[1], features_path, progress=False)
     fs = load_features(features_path)

@@ -228,12 +228,6 @@ class SplitParams(_Section):
                              "whose test split is its area or list (use random, by_group or spatial_blocks)")
         return self
 
-    @property
-    def production(self) -> bool:
-        """No test split: every labelled session but val trains (test_fraction 0, no time bounds)."""
-        return self.test_fraction == 0 and self.strategy not in ("area", "list") and \
-            self.test_from is None and self.test_until is None
-
 
 class ExtractFeaturesParams(_Section):
     n_fft: int = Field(ge=16, le=8192)
