@@ -6,11 +6,13 @@ import copy
 
 import numpy as np
 import pytest
+from scipy.spatial.distance import cdist
 from conftest import default_params_dict
 
 from heimdall.baselines import KNN_K_CANDIDATES, crlb_rmse, evaluate_baselines, grid_mle, knn, tune_knn_k
 from heimdall.params import ScenarioParams
-from heimdall.kriging import ResidualGP, _rbf, fit_kriged_map
+from heimdall.gp import ResidualGP, _rbf, exact_gp, inducing_grid, sparse_gp
+from heimdall.kriging import fit_kriged_map
 from heimdall.radiomap import RadioMapGrid, fit_log_distance, power_and_residual
 from heimdall.simulator import Scenario, free_space_loss_1km_db
 
@@ -103,6 +105,73 @@ def test_tiled_gp_prediction_matches_dense_posterior_mean():
     query = rng.uniform(-5, 65, (2000, 2))
     dense = _rbf(query, train, 5.0, 3.5) @ gp.alpha + 0.7
     np.testing.assert_allclose(gp.predict(query), dense, atol=1e-5)
+
+
+def _random_field(rng, length_km: float, signal_db: float, n_waves: int = 400):
+    """A stationary field with an RBF covariance of that length and std (random Fourier features)."""
+    w = rng.standard_normal((n_waves, 2)) / length_km
+    phase = rng.uniform(0, 2 * np.pi, n_waves)
+    return lambda x: signal_db * np.sqrt(2 / n_waves) * np.cos(x @ w.T + phase).sum(axis=1)
+
+
+def test_sparse_gp_matches_the_exact_gp_mean_and_leave_one_out_residuals():
+    """Same kernel, same hyper-parameters: the inducing-point posterior mean differs from the exact one by
+    a small fraction of the map's own error, and so do its closed-form leave-one-out residuals."""
+    rng = np.random.default_rng(11)
+    field = _random_field(rng, 3.0, 5.0)
+    x = rng.uniform(0, 60, (1500, 2))
+    e = field(x) + 2.0 * rng.standard_normal(1500) + 4.0
+    loo_index = np.arange(0, 1500, 5)
+    exact, fitted_exact, loo_exact = exact_gp(x, e, 5.0, 3.0, 2.0, loo_index=loo_index)
+    sparse, fitted_sparse, loo_sparse = sparse_gp(x, e, 5.0, 3.0, 2.0, loo_index=loo_index)
+    assert len(sparse.basis_km) == 26**2 and sparse.train_km is x  # 60 km / 2.4 km + 1 per side; readings kept
+    query = rng.uniform(5, 55, (2000, 2))
+    map_error = np.sqrt(np.mean((exact.predict(query) - 4.0 - field(query)) ** 2))
+    gap = np.sqrt(np.mean((sparse.predict(query) - exact.predict(query)) ** 2))
+    assert 0.5 < map_error < 2.5 and gap < 0.05 * map_error, (gap, map_error)  # measured 0.016 vs 0.97 dB
+    np.testing.assert_allclose(fitted_sparse, fitted_exact, atol=0.15)
+    assert np.sqrt(np.mean((loo_sparse - loo_exact) ** 2)) < 0.05 * np.sqrt(np.mean(loo_exact**2))
+
+
+def test_inducing_grid_covers_the_readings_within_its_budget(caplog):
+    rng = np.random.default_rng(12)
+    x = np.vstack([rng.uniform(0, 40, (300, 2)), rng.uniform(100, 140, (300, 2))])  # two far clusters
+    u = inducing_grid(x, 2.0, 10_000)
+    spacing = np.diff(np.unique(u[:, 0]))[0]
+    assert spacing == pytest.approx(1.6)  # 0.8 length scales
+    # no node in the empty middle (> 3 length scales from every reading), every reading near a node
+    assert not np.any((u[:, 0] > 50) & (u[:, 0] < 90) & (u[:, 1] > 50) & (u[:, 1] < 90))
+    assert cdist(x, u).min(axis=1).max() < spacing
+    with caplog.at_level("WARNING", logger="heimdall.kriging"):
+        coarse = inducing_grid(x, 2.0, 400)
+    assert len(coarse) <= 400 and "smoother than its length scale" in caplog.text
+
+
+def test_sparse_and_exact_kriged_maps_agree_on_the_default_scenario(scenario):
+    pos, _, rss, present = _sessions(scenario, 1500, seed=3, fading_db=2.0)
+    train, held = slice(0, 1200), slice(1200, None)
+    fits = {gp: fit_kriged_map(rss[train], present[train], scenario.rx_enu, pos[train], n_hyper_subsample=300,
+                               n_loo=200, gp=gp) for gp in ("exact", "sparse")}
+    e, n = pos[held, 0], pos[held, 1]
+    true = scenario.mean_rss_dbm(e, n, np.zeros(len(e)))
+
+    def map_rms(model):
+        diff = model.mean_db(e, n) - true
+        diff -= np.sum(diff * present[held]) / present[held].sum()  # TX power is profiled out: no common offset
+        return np.sqrt(np.sum(diff**2 * present[held]) / present[held].sum())
+
+    rms = {gp: map_rms(m) for gp, m in fits.items()}
+    assert abs(rms["sparse"] - rms["exact"]) < 0.02 * rms["exact"], rms
+    np.testing.assert_allclose(fits["sparse"].sigma_db, fits["exact"].sigma_db, rtol=0.02)
+    assert all(gp.readings_km is not None for gp in fits["sparse"].gps)  # expanded over inducing points
+    assert all(gp.readings_km is None for gp in fits["exact"].gps)
+    # receivers fitted in two processes: the same map (the random draws stay in the parent)
+    two = fit_kriged_map(rss[train], present[train], scenario.rx_enu, pos[train], n_hyper_subsample=300, n_loo=200,
+                         gp="sparse", n_jobs=2)
+    np.testing.assert_array_equal(two.mean_db(e, n), fits["sparse"].mean_db(e, n))
+    np.testing.assert_array_equal(two.sigma_db, fits["sparse"].sigma_db)
+    with pytest.raises(ValueError, match="gp='dense'"):
+        fit_kriged_map(rss[train], present[train], scenario.rx_enu, pos[train], gp="dense")
 
 
 def test_crlb_is_finite_and_scales_with_sigma(scenario):

@@ -46,6 +46,8 @@ def _run_export(params_path, out, capsys):
         ({"extract_features.split.test_fraction": -0.1}, "extract_features.split.test_fraction"),
         ({"model.likelihood_nu": -1}, "model.likelihood_nu"),
         ({"train.radio_map.uncertainty": "maybe"}, "train.radio_map.uncertainty"),
+        ({"train.radio_map.gp": "dense"}, "train.radio_map.gp"),
+        ({"train.max_samples": 0}, "train.max_samples"),
         # issue 20: a bool is not a number, seeds are 32-bit, coordinates are coordinates, NaN is no value
         ({"train.max_epochs": True}, "train.max_epochs"),
         ({"export_sessions.n_sessions": True}, "export_sessions.n_sessions"),
@@ -212,3 +214,15 @@ def test_property_any_corrupted_param_loads_valid_or_is_one_line_error(tmp_path,
         lat, lon = p.extract_features.origin
         assert abs(lat) <= 90 and abs(lon) <= 180
     assert "bogus_top" not in overrides and "train.bogus_key" not in overrides
+
+
+def test_max_samples_bounds_the_epochs_of_a_large_campaign():
+    from conftest import default_params_dict
+
+    from heimdall.params import Params
+
+    tp = Params.model_validate(default_params_dict()).train
+    assert (tp.max_epochs, tp.max_samples) == (40, 300_000)
+    assert tp.epochs(4_200) == 40  # the default campaign: its 168,000 samples are within the budget
+    assert tp.epochs(16_800) == 18 and tp.epochs(70_000) == 5  # 24k and 100k sessions (70 % train)
+    assert tp.epochs(10**9) == 1

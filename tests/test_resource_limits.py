@@ -114,3 +114,26 @@ def test_radio_map_grid_beyond_the_budget_is_refused_before_allocating(gps_zero,
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("train.radio_map: ") and named in msg and "GiB of memory" in msg
     assert time.monotonic() - t0 < 60 and not (tmp_path / "model.ckpt").exists()
+
+
+def test_an_exact_gp_beyond_the_budget_is_refused_and_the_sparse_one_is_bounded(monkeypatch):
+    """100,000 sessions: the exact GP's n x n system (~150 GiB) is refused before fitting, naming the param;
+    the sparse GP's is bounded by its inducing points whatever the readings (auto picks it beyond 5,000)."""
+    from heimdall.budget import check_radio_map
+    from heimdall.gp import gp_fit_bytes
+    from heimdall.params import RadioMapParams
+
+    monkeypatch.setenv("HEIMDALL_MEMORY_BUDGET_GB", "8")
+    box = (0.0, 100e3, 0.0, 100e3)
+
+    def radio_map(gp):
+        return RadioMapParams(spacing_km=1.0, margin_km=10.0, min_snr_db=10.0, gp=gp)
+
+    with pytest.raises(HeimdallError) as e:
+        check_radio_map(box, radio_map("exact"), 7, 64, 100_000, gp_fit_bytes("exact", 100_000))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("train.radio_map.gp=exact") and "100,000" in msg and "sparse" in msg
+    for gp in ("sparse", "auto"):
+        check_radio_map(box, radio_map(gp), 7, 64, 100_000, gp_fit_bytes(gp, 100_000))  # within 8 GiB
+    assert gp_fit_bytes("sparse", 100_000) == gp_fit_bytes("sparse", 10**7) < 1.1 * 2**30
+    assert gp_fit_bytes("auto", 4_000) == gp_fit_bytes("exact", 4_000) < gp_fit_bytes("auto", 100_000)

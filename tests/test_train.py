@@ -151,6 +151,17 @@ def _coverage(mean, cov, target):
     return m["coverage_1sigma"], m["coverage_2sigma"]
 
 
+def test_calibration_uses_a_bounded_seeded_subset_of_a_large_validation_split(tiny_campaign, monkeypatch):
+    _, _, features = tiny_campaign
+    fs = load_features(features)
+    va = fs.indices("val")
+    np.testing.assert_array_equal(calibration.calibration_sessions(fs), va)  # 36 <= 4,000: all of them
+    monkeypatch.setattr(calibration, "CALIBRATION_MAX_SESSIONS", 10)
+    subset = calibration.calibration_sessions(fs)
+    assert len(subset) == 10 and np.all(np.diff(subset) > 0) and np.isin(subset, va).all()
+    np.testing.assert_array_equal(calibration.calibration_sessions(fs), subset)  # seeded: the same every run
+
+
 def test_covariance_weights_calibrate_a_gaussian_at_both_levels():
     rng = np.random.default_rng(0)
     n = 4000
@@ -244,11 +255,14 @@ def test_non_positive_lr_rejected(tiny_campaign, tmp_path, capsys, lr):
     assert code == 1 and "train.lr" in err and len(err.strip().splitlines()) == 1 and not ckpt.exists()
 
 
-def test_batch_larger_than_train_split_is_clamped(tiny_campaign, tmp_path, monkeypatch):
+def test_batch_larger_than_train_split_is_clamped_and_max_samples_bounds_the_epochs(tiny_campaign, tmp_path,
+                                                                                     monkeypatch):
     _, _, features = tiny_campaign
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    summary, out = _run(tmp_path, features, **{"train.batch_size": 10_000, "train.max_epochs": 1})
-    assert (out / "model.ckpt").exists() and summary["epochs"] == 1
+    # 168 training sessions: max_samples 200 allows 2 of the 3 epochs
+    summary, out = _run(tmp_path, features, **{"train.batch_size": 10_000, "train.max_epochs": 3,
+                                               "train.max_samples": 200})
+    assert (out / "model.ckpt").exists() and summary["epochs"] == 2
 
 
 def test_ddp_strategy_trains_on_two_processes_and_writes_once(tiny_campaign, tmp_path):

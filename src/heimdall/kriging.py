@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve, solve_triangular
-from scipy.spatial.distance import cdist
 
 from heimdall.errors import HeimdallError
+from heimdall.gp import (
+    DEFAULT_MAX_INDUCING,
+    EXACT_GP_MAX_READINGS,
+    GP_METHODS,
+    ResidualGP,
+    exact_gp,
+    fit_gp_hyperparameters,
+    sparse_gp,
+)
 from heimdall.radiomap import (
     DEFAULT_FIT_MIN_SNR_DB,
     MIN_MAP_READINGS,
@@ -34,129 +41,6 @@ if TYPE_CHECKING:
     from heimdall.data import FeatureSet
 
 log = logging.getLogger(__name__)
-
-# Rows of the (points x training points) kernel matrix evaluated at once when predicting a GP:
-# 4096 x ~4000 float64 is ~130 MB.
-_GP_PREDICT_CHUNK = 4096
-# Nearest training readings of a local GP's variance (ResidualGP.local_variance): an upper bound of the
-# exact GP's, tight where the nearest readings decide it (near data, and far from all of it).
-LOCAL_VARIANCE_POINTS = 16
-# Training points farther than this many RBF length scales from a query point are ignored:
-# their kernel weight is below exp(-6^2 / 2) = 1.5e-8.
-_GP_CUTOFF_LENGTHS = 6.0
-
-
-# ---- Gaussian-process residual maps -------------------------------------------------------------
-@dataclass(frozen=True)
-class ResidualGP:
-    """Exact GP posterior mean of one receiver's residual map (RBF kernel + white noise)."""
-
-    train_km: np.ndarray  # (n, 2) training positions in km
-    alpha: np.ndarray  # (n,) (K + noise I)^-1 (e - mean)
-    prior_mean_db: float
-    signal_std_db: float
-    length_km: float  # RBF length scale l in exp(-d^2 / (2 l^2))
-    noise_std_db: float
-
-    def predict(self, points_km: np.ndarray) -> np.ndarray:
-        """Posterior mean (P,) at points (P, 2) in km.
-
-        The RBF kernel is local, so points are processed in square tiles, each against the
-        training points within ``_GP_CUTOFF_LENGTHS`` length scales of the tile: the neglected
-        terms are below exp(-18) of the signal variance (exact to ~1e-6 dB), and the cost drops
-        from (points x all training points) to (points x nearby ones).
-        """
-        points_km = np.asarray(points_km, dtype=np.float64).reshape(-1, 2)
-        out = np.empty(points_km.shape[0])
-        cutoff = _GP_CUTOFF_LENGTHS * self.length_km
-        tile = max(2.0 * cutoff, 1e-9)
-        cell = np.floor((points_km - points_km.min(axis=0)) / tile).astype(np.int64)
-        key = cell[:, 0] * (cell[:, 1].max() + 1) + cell[:, 1]
-        order = np.argsort(key, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
-        for idx in np.split(order, starts[1:]):
-            for sub in np.array_split(idx, -(-len(idx) // _GP_PREDICT_CHUNK)):
-                pts = points_km[sub]
-                lo, hi = pts.min(axis=0) - cutoff, pts.max(axis=0) + cutoff
-                near = np.all((self.train_km >= lo) & (self.train_km <= hi), axis=1)
-                k_cross = _rbf(pts, self.train_km[near], self.signal_std_db, self.length_km)
-                out[sub] = k_cross @ self.alpha[near]
-        return out + self.prior_mean_db
-
-
-    def local_variance(self, points_km: np.ndarray, n_near: int = LOCAL_VARIANCE_POINTS,
-                       leave_self_out: bool = False) -> np.ndarray:
-        """Posterior variance (P,) of the residual map at points (P, 2) in km, from each point's
-        ``n_near`` nearest training points only (a local GP: exact where a few points decide it, an
-        upper bound elsewhere; O(P · n_near³) instead of O(P · n²)). ``leave_self_out``: for training
-        points themselves, without their own reading (what a leave-one-out residual sees)."""
-        from scipy.spatial import cKDTree
-
-        points_km = np.asarray(points_km, dtype=np.float64).reshape(-1, 2)
-        k = min(n_near + int(leave_self_out), len(self.train_km))
-        _, idx = cKDTree(self.train_km).query(points_km, k=k)
-        idx = idx.reshape(len(points_km), k)[:, int(leave_self_out):]
-        s2, out = self.signal_std_db**2, np.empty(len(points_km))
-        for i in range(0, len(points_km), _GP_PREDICT_CHUNK):
-            near = self.train_km[idx[i:i + _GP_PREDICT_CHUNK]]  # (c, m, 2)
-            d2 = ((near[:, :, None] - near[:, None]) ** 2).sum(-1)
-            gram = s2 * np.exp(-0.5 * d2 / self.length_km**2) + self.noise_std_db**2 * np.eye(near.shape[1])
-            cross = s2 * np.exp(-0.5 * ((near - points_km[i:i + _GP_PREDICT_CHUNK, None]) ** 2).sum(-1)
-                                / self.length_km**2)
-            out[i:i + _GP_PREDICT_CHUNK] = s2 - np.einsum("cm,cm->c", cross, np.linalg.solve(gram, cross[..., None])[..., 0])
-        return np.maximum(out, 0.0)
-
-
-def _rbf(a_km: np.ndarray, b_km: np.ndarray, signal_std: float, length: float) -> np.ndarray:
-    return signal_std**2 * np.exp(-0.5 * cdist(a_km, b_km, "sqeuclidean") / length**2)
-
-
-def _fit_gp_hyperparameters(x_km, e, n_subsample: int, rng) -> tuple[float, float, float]:
-    """(signal std, length scale km, noise std) maximising the marginal likelihood on a subsample."""
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
-
-    if len(e) > n_subsample:
-        idx = rng.choice(len(e), n_subsample, replace=False)
-        x_km, e = x_km[idx], e[idx]
-    var = max(float(np.var(e)), 1e-2)
-    kernel = ConstantKernel(0.75 * var, (1e-2, 1e3)) * RBF(3.0, (0.2, 200.0)) + WhiteKernel(
-        0.25 * var, (1e-3, 1e3)
-    )
-    gpr = GaussianProcessRegressor(kernel, normalize_y=False, n_restarts_optimizer=0, random_state=0)
-    gpr.fit(x_km, e - e.mean())
-    k = gpr.kernel_
-    return (
-        float(np.sqrt(k.k1.k1.constant_value)),
-        float(k.k1.k2.length_scale),
-        float(np.sqrt(k.k2.noise_level)),
-    )
-
-
-def _exact_gp(x_km, e, signal_std, length_km, noise_std, loo_index=None):
-    """Exact posterior with all points.
-
-    Returns (ResidualGP, in-sample posterior mean (n,), leave-one-out residuals at ``loo_index``
-    or None).
-    """
-    prior_mean = float(e.mean())
-    k = _rbf(x_km, x_km, signal_std, length_km)
-    k[np.diag_indices_from(k)] += noise_std**2
-    chol = cho_factor(k, lower=True, overwrite_a=True, check_finite=False)
-    alpha = cho_solve(chol, e - prior_mean, check_finite=False)
-    # In-sample posterior mean: K_f alpha = (K_f + s^2 I) alpha - s^2 alpha.
-    fitted = e - noise_std**2 * alpha
-    loo = None
-    if loo_index is not None:
-        # Leave-one-out residual of a GP in closed form: alpha_i / [K^-1]_ii (Rasmussen & Williams
-        # eq. 5.12), with [K^-1]_ii = |L^-1 e_i|^2 computed only for the requested columns.
-        unit = np.zeros((len(e), len(loo_index)))
-        unit[loo_index, np.arange(len(loo_index))] = 1.0
-        l_inv_cols = solve_triangular(chol[0], unit, lower=True, check_finite=False)
-        loo = alpha[loo_index] / np.einsum("ij,ij->j", l_inv_cols, l_inv_cols)
-    gp = ResidualGP(x_km, alpha, prior_mean, signal_std, length_km, noise_std)
-    return gp, fitted, loo
-
 
 @dataclass(frozen=True)
 class KrigedMapModel:
@@ -199,6 +83,9 @@ def fit_kriged_map(
     n_loo: int = 500,
     seed: int = 0,
     blas_threads: int | None = 1,
+    gp: str = "auto",
+    max_inducing: int = DEFAULT_MAX_INDUCING,
+    n_jobs: int = 1,
 ) -> KrigedMapModel:
     """Log-distance fit plus per-receiver GP residual maps learned from the training sessions.
 
@@ -210,6 +97,12 @@ def fit_kriged_map(
     residuals of the last iteration (at ``n_loo`` random readings per receiver), so it includes
     the map's own error, not just the fading.
 
+    ``gp``: "exact" (O(n³) per receiver), "sparse" (:func:`heimdall.gp.sparse_gp`, at most ``max_inducing`` inducing
+    points: linear in the readings) or "auto" (exact up to EXACT_GP_MAX_READINGS readings, sparse beyond).
+    ``n_jobs``: receivers fitted in parallel processes (joblib's loky backend, which limits each worker to
+    cores // n_jobs BLAS threads; on a cluster, joblib's dask or ray backend). The fit is the same for any
+    value: the random draws stay in this process.
+
     ``blas_threads`` caps BLAS threads during the fit (None: library default). OpenBLAS threads
     busy-wait: with another process on a 2-core machine, 2 threads made the 800-point Cholesky
     factorisations of the hyper-parameter search ~40x and the 3,600-point ones ~4x slower than
@@ -218,16 +111,35 @@ def fit_kriged_map(
     """
     from threadpoolctl import threadpool_limits
 
+    if gp not in GP_METHODS:
+        raise ValueError(f"fit_kriged_map: gp={gp!r}, expected one of {GP_METHODS}")
+    args = (rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db, n_iterations, n_hyper_subsample, n_loo,
+            seed, gp, max_inducing, n_jobs)
     if blas_threads is None:
-        return _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db,
-                               n_iterations, n_hyper_subsample, n_loo, seed)
+        return _fit_kriged_map(*args)
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        return _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db,
-                               n_iterations, n_hyper_subsample, n_loo, seed)
+        return _fit_kriged_map(*args)
+
+
+def _fit_receiver(x_km, e, hyper, hyper_idx, loo_index, sparse: bool, max_inducing: int):
+    """One receiver's GP fit (a job of its own: receivers are independent given the session powers) ->
+    (hyper-parameters, ResidualGP, in-sample posterior mean, LOO residuals or None, mean local variance at
+    the LOO readings left out or 0)."""
+    if hyper is None:
+        hyper = fit_gp_hyperparameters(x_km, e) if hyper_idx is None else \
+            fit_gp_hyperparameters(x_km[hyper_idx], e[hyper_idx])
+    if sparse:
+        gp, fitted, loo = sparse_gp(x_km, e, *hyper, loo_index=loo_index, max_inducing=max_inducing)
+    else:
+        gp, fitted, loo = exact_gp(x_km, e, *hyper, loo_index=loo_index)
+    var = 0.0 if loo_index is None else float(gp.local_variance(x_km[loo_index], leave_self_out=True).mean())
+    return hyper, gp, fitted, loo, var
 
 
 def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db, n_iterations,
-                    n_hyper_subsample, n_loo, seed) -> KrigedMapModel:
+                    n_hyper_subsample, n_loo, seed, gp_method, max_inducing, n_jobs) -> KrigedMapModel:
+    from joblib import Parallel, delayed
+
     rss = np.asarray(rss, dtype=np.float64)
     pos = np.asarray(pos, dtype=np.float64)
     law = fit_log_distance(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db)
@@ -240,7 +152,7 @@ def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db
     n_iterations = max(1, n_iterations)
 
     gp_at_train = np.zeros_like(law_db)
-    hyper: list[tuple[float, float, float]] = []
+    hyper: list = [None] * n_rx
     gps: list[ResidualGP] = []
     loo_sq_sum, loo_count, loo_var = np.zeros(n_rx), np.zeros(n_rx), np.zeros(n_rx)
     for it in range(n_iterations):
@@ -248,27 +160,34 @@ def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db
         _, residual = power_and_residual(rss, law_db + gp_at_train, usable, weights)
         e_all = residual + gp_at_train  # residual w.r.t. the law alone, with the new powers
         last = it == n_iterations - 1
-        gps = []
-        for r in range(n_rx):
+        jobs = []
+        for r in range(n_rx):  # random draws here, in receiver order: the same fit for any n_jobs
             rows = usable[:, r]
-            x_r, e_r = pos_km[rows], e_all[rows, r]
-            if it == 0:
-                hyper.append(_fit_gp_hyperparameters(x_r, e_r, n_hyper_subsample, rng))
-            loo_index = rng.choice(len(e_r), min(n_loo, len(e_r)), replace=False) if last else None
-            gp, fitted, loo = _exact_gp(x_r, e_r, *hyper[r], loo_index=loo_index)
+            n_r = int(rows.sum())
+            hyper_idx = rng.choice(n_r, n_hyper_subsample, replace=False) if it == 0 and n_r > n_hyper_subsample \
+                else None
+            loo_index = rng.choice(n_r, min(n_loo, n_r), replace=False) if last else None
+            sparse = gp_method == "sparse" or (gp_method == "auto" and n_r > EXACT_GP_MAX_READINGS)
+            jobs.append(delayed(_fit_receiver)(pos_km[rows], e_all[rows, r], hyper[r], hyper_idx, loo_index, sparse,
+                                               max_inducing))
+        results = Parallel(n_jobs=n_jobs)(jobs) if n_jobs != 1 else [job[0](*job[1], **job[2]) for job in jobs]
+        gps = []
+        for r, (hyper[r], gp, fitted, loo, var) in enumerate(results):
             gps.append(gp)
             gp_at_train[:, r] = 0.0
-            gp_at_train[rows, r] = fitted
+            gp_at_train[usable[:, r], r] = fitted
+            if it == 0 and gp.readings_km is not None:
+                log.info("radio map: receiver %d: sparse GP, %d readings, %d inducing points", r, len(gp.train_km),
+                         len(gp.basis_km))
             if last:
-                loo_sq_sum[r], loo_count[r] = np.sum(loo**2), len(loo)
-                loo_var[r] = gp.local_variance(x_r[loo_index], leave_self_out=True).mean()
+                loo_sq_sum[r], loo_count[r], loo_var[r] = np.sum(loo**2), len(loo), var
 
     sigma = np.sqrt(loo_sq_sum / np.maximum(loo_count, 1))
     return KrigedMapModel(law, tuple(gps), sigma, law.train_bounds_m, loo_var)
 
 
 def fit_training_map(features: FeatureSet, spacing_m: float, margin_m: float, min_snr_db: float | None,
-                     seed: int, uncertainty: bool = False) -> RadioMapGrid:
+                     seed: int, uncertainty: bool = False, gp: str = "auto", n_jobs: int = 1) -> RadioMapGrid:
     """The learned forward map on the training split of ``features`` (law + GP residual per receiver),
     tabulated over the training targets' box + ``margin_m``: what the model's refinement inverts.
     ``uncertainty``: with the map's excess variance per cell (RadioMapGrid.excess_var_db2)."""
@@ -285,7 +204,7 @@ def fit_training_map(features: FeatureSet, spacing_m: float, margin_m: float, mi
         log.warning("train: no map for receivers %s (fewer than %d usable training readings): their readings are "
                     "ignored", [str(n) for n, m in zip(features.receiver_names, mapped) if not m], MIN_MAP_READINGS)
     kriged = fit_kriged_map(rss[:, mapped], present[:, mapped], features.receiver_enu_m[mapped], pos, snr[:, mapped],
-                            min_snr_db, anchor, seed=seed)
+                            min_snr_db, anchor, seed=seed, gp=gp, n_jobs=n_jobs)
     return RadioMapGrid.from_fitted(kriged, bounds_around(pos, margin_m), spacing_m,
                                     uncertainty=uncertainty).expanded(mapped)
 

@@ -292,6 +292,11 @@ class RadioMapParams(_Section):
     # the map's own uncertainty in the likelihood: σ² per cell grows away from training readings, so a
     # transmitter where nobody trained is not confidently placed where somebody did (docs/model.md)
     uncertainty: bool = False
+    # the per-receiver GP: exact (O(n³) in its training readings), sparse (inducing points: about linear),
+    # auto = exact up to 5,000 readings, sparse beyond (heimdall.gp.EXACT_GP_MAX_READINGS)
+    gp: Literal["auto", "exact", "sparse"] = "auto"
+    # receivers fitted in parallel processes (joblib): the same map for any value
+    n_jobs: int = Field(default=1, ge=1, le=256)
 
 
 class TrainParams(_Section):
@@ -300,6 +305,9 @@ class TrainParams(_Section):
     weight_decay: float = Field(ge=0, le=1)
     batch_size: int = Field(ge=1, le=65536)
     max_epochs: int = Field(ge=1, le=10000)
+    # training sessions seen in all (epochs x training sessions) at most: epochs = min(max_epochs,
+    # ceil(max_samples / training sessions)), so a large campaign trains in bounded time (TrainParams.epochs)
+    max_samples: int = Field(default=300_000, ge=1, le=10**10)
     patience: int = Field(ge=1, le=1000)
     gradient_clip: float = Field(gt=0)
     augment_power_db: float = Field(ge=0, le=40)
@@ -312,6 +320,11 @@ class TrainParams(_Section):
     num_nodes: int = Field(default=1, ge=1, le=1024)  # multi-node ddp: launched by torchrun/SLURM per node
     radio_map: RadioMapParams
     mlflow_experiment: str = Field(min_length=1)
+
+    def epochs(self, n_train: int) -> int:
+        """Epochs to train for on ``n_train`` sessions: max_epochs, fewer where that would see more than
+        max_samples sessions (the default campaign's 4,200 x 40 = 168,000 does not; 70,000 gets 5)."""
+        return max(1, min(self.max_epochs, -(-self.max_samples // max(n_train, 1))))
 
 
 class ExportOnnxParams(_Section):

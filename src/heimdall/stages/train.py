@@ -25,6 +25,7 @@ from heimdall.budget import check_features_file, check_radio_map
 from heimdall.checkpoint import save_checkpoint
 from heimdall.data import FeatureSet, load_features
 from heimdall.errors import HeimdallError
+from heimdall.gp import gp_fit_bytes
 from heimdall.kriging import fit_training_map, training_power_range
 from heimdall.model import LocalizationNet, ModelConfig
 from heimdall.params import Params
@@ -91,9 +92,10 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
         log.warning("train.batch_size %d > %d training sessions: using %d", tp.batch_size, n_train, n_train)
 
     check_radio_map(bounds_around(features.target_enu_m[features.indices("train")], rm.margin_km * 1e3), rm,
-                    features.n_receivers, tp.batch_size)
+                    features.n_receivers, tp.batch_size, n_train, gp_fit_bytes(rm.gp, n_train))
     t = time.perf_counter()
-    grid = fit_training_map(features, rm.spacing_km * 1e3, rm.margin_km * 1e3, rm.min_snr_db, tp.seed, rm.uncertainty)
+    grid = fit_training_map(features, rm.spacing_km * 1e3, rm.margin_km * 1e3, rm.min_snr_db, tp.seed, rm.uncertainty,
+                            rm.gp, rm.n_jobs)
     timings = {"radio_map_fit_s": time.perf_counter() - t}
     log.info("radio map: %d x %d cells, residual sigma %s dB", grid.mean_db.shape[2], grid.mean_db.shape[1],
              np.round(grid.sigma_db, 2))
@@ -102,14 +104,18 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
     model = LocalizationNet(model_config(params, features), torch.from_numpy(features.receiver_enu_m), norm,
                             radio_map_tensors(grid, training_power_range(grid, features)),
                             training_fingerprints(features) if params.model.fingerprint_k else None)
-    module = LocalizationModule(model, tp.lr, tp.weight_decay, tp.max_epochs, tp.augment_power_db,
+    epochs = tp.epochs(n_train)
+    if epochs < tp.max_epochs:
+        log.info("train: %d epochs (train.max_samples=%d over %d training sessions; max_epochs %d)", epochs,
+                 tp.max_samples, n_train, tp.max_epochs)
+    module = LocalizationModule(model, tp.lr, tp.weight_decay, epochs, tp.augment_power_db,
                                 tp.augment_drop_receiver)
     datamodule = LocalizationDataModule(features, tp.batch_size, params.model.inputs != "scalars", tp.seed)
     logger = tracking.mlflow_logger(params)
     with tempfile.TemporaryDirectory(prefix="heimdall-train-") as tmp:
         best = ModelCheckpoint(dirpath=tmp, monitor="val_loss", mode="min", save_top_k=1, save_weights_only=True)
         trainer = L.Trainer(
-            max_epochs=tp.max_epochs, accelerator=tp.accelerator, devices=tp.devices, strategy=tp.strategy,
+            max_epochs=epochs, accelerator=tp.accelerator, devices=tp.devices, strategy=tp.strategy,
             num_nodes=tp.num_nodes, deterministic=True, gradient_clip_val=tp.gradient_clip, logger=logger,
             callbacks=[best, EarlyStopping(monitor="val_loss", mode="min", patience=tp.patience), *callbacks],
             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
