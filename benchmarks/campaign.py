@@ -47,7 +47,7 @@ def run_stage(verb: str, args: list, env: dict, log_path: Path) -> dict:
     return {"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}  # Linux: KiB
 
 
-def campaign(n: int, duration_s: float | None, work: Path) -> dict:
+def campaign(n: int, duration_s: float | None, work: Path, progress=lambda stages: None) -> dict:
     overrides = {"export_sessions.n_sessions": n}
     if duration_s is not None:
         overrides["export_sessions.duration_s"] = duration_s
@@ -72,6 +72,7 @@ def campaign(n: int, duration_s: float | None, work: Path) -> dict:
         stages[verb] = run_stage(verb, ["--params", pfile, *argv[verb]], env, d / f"{verb}.log")
         print(f"  {n} sessions: {verb} {stages[verb]['wall_s']} s, peak RSS {stages[verb]['peak_rss_mib']} MiB",
               flush=True)
+        progress(stages)
     test = json.loads((models / "metrics/test.json").read_text())
     train = json.loads((models / "metrics/train.json").read_text())
     timings = json.loads((models / "metrics/train.timings.json").read_text())
@@ -111,7 +112,9 @@ def main() -> None:
     rows = []
     try:
         for n, dur in zip(args.sessions, durations):
-            rows.append(campaign(n, dur, work))
+            # the stages measured so far are saved as they finish: a run stopped mid-way keeps them
+            rows.append(campaign(n, dur, work, lambda st: B.save("campaign", {"rows": rows, "partial": {n: st}},
+                                                                  args.out)))
             B.save("campaign", {"rows": rows}, args.out)  # after every size: a long run keeps what it measured
     finally:
         if args.workdir is None:
