@@ -98,7 +98,7 @@ def test_hostile_rss_snr_and_iq_scale_values(small, tmp_path, data):
         assert "no training rows" in str(result)
         return
     fs = load_features(out)  # load_features rejects any non-finite feature
-    assert np.isfinite(fs.logmel).all() and np.isfinite(fs.rss_dbm).all()
+    assert np.isfinite(fs.logmel[:]).all() and np.isfinite(fs.rss_dbm).all()
     final = {(i, j, name): v for i, j, name, v in cells}  # the last write to a cell wins
     dropped = [(i, j) for (i, j, name), v in final.items()
                if name == "rss_dbm" and present[i, j] and not -200 <= v <= 60]
@@ -120,7 +120,7 @@ def test_saturated_iq_gives_finite_features(small, tmp_path, value, fill):
     out = tmp_path / "f.h5"
     summary = _extract(params, f_path, out)
     assert isinstance(summary, dict)
-    assert np.isfinite(load_features(out).logmel).all()
+    assert np.isfinite(load_features(out).logmel[:]).all()
 
 
 @pytest.mark.parametrize("dataset,bad", [
@@ -156,7 +156,7 @@ def test_sessions_with_few_receivers_are_kept_and_counted(small, tmp_path, n_pre
     fs = load_features(tmp_path / "f.h5")
     assert (fs.present[:3].sum(1) <= n_present).all()
     assert summary["sessions_without_receivers"] >= (3 if n_present == 0 else 0)
-    assert np.isfinite(fs.logmel).all()
+    assert np.isfinite(fs.logmel[:]).all()
 
 
 def test_duplicate_session_ids(small, tmp_path):
@@ -183,7 +183,7 @@ def test_receiver_far_outside_the_map_and_unordered_timestamps(small, tmp_path):
     summary = _extract(params, f_path, tmp_path / "f.h5")
     assert isinstance(summary, dict)
     fs, ref = load_features(tmp_path / "f.h5"), load_features(features)
-    assert np.array_equal(fs.logmel, ref.logmel) and np.array_equal(fs.rss_dbm, ref.rss_dbm)
+    assert np.array_equal(fs.logmel[:], ref.logmel[:]) and np.array_equal(fs.rss_dbm, ref.rss_dbm)
     # ~1,000 km north of the others (the ENU origin, their mean, moves ~140 km with it)
     assert fs.receiver_enu_m[0, 1] - fs.receiver_enu_m[1:, 1].max() > 900e3
 
@@ -329,3 +329,75 @@ def test_property_random_attribute_and_dtype_corruption(small, tmp_path, data):
             load_features(f_path)
         except HeimdallError as e:
             assert "\n" not in str(e)
+
+
+# --- issue 21: the log-mel stays in features.h5 and is read by rows (heimdall.data.H5Rows) ---------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(-12, 11), max_size=30), piece=st.integers(1, 8),
+       sl=st.tuples(st.none() | st.integers(-15, 15), st.none() | st.integers(-15, 15),
+                    st.none() | st.integers(-4, 4).filter(lambda s: s != 0)))
+def test_lazy_logmel_rows_equal_the_eager_read(small, rows, piece, sl):
+    """Unsorted, repeated and negative indices, slices of any step, ints, boolean masks: exactly what numpy
+    indexing of the whole dataset gives, whatever the read piece (features.h5 chunks are 5 sessions here), with
+    another handle on the file open (whose chunk cache HDF5 would otherwise impose)."""
+    from heimdall import data
+
+    _, _, features = small
+    fs = load_features(features)
+    with h5py.File(features, "r") as f, pytest.MonkeyPatch.context() as mp:  # read with another handle open
+        eager = f["features/logmel_db"][()]
+        mp.setattr(data, "READ_ROWS", piece)
+        idx = np.array(rows, dtype=np.int64)
+        got = fs.logmel[idx]
+        assert got.dtype == np.float32 and got.shape == (len(rows), *eager.shape[1:])
+        assert np.array_equal(got, eager[idx])
+        assert np.array_equal(fs.logmel[slice(*sl)], eager[slice(*sl)])
+        if rows:
+            assert np.array_equal(fs.logmel[rows[0]], eager[rows[0]])
+            mask = np.zeros(len(eager), bool)
+            mask[idx] = True
+            assert np.array_equal(fs.logmel[mask], eager[mask])
+    assert fs.logmel.shape == eager.shape and len(fs.logmel) == len(eager)
+    with pytest.raises(IndexError):
+        fs.logmel[np.array([len(eager)])]
+    with pytest.raises(TypeError, match="read lazily"):
+        np.asarray(fs.logmel)
+
+
+@pytest.mark.parametrize("piece", [256, 4])
+def test_non_finite_logmel_is_refused_with_the_dataset_and_index(small, tmp_path, piece, monkeypatch):
+    """The log-mel's finiteness is checked at load, piece by piece: the first bad value's index is the file's."""
+    from heimdall import data
+
+    monkeypatch.setattr(data, "READ_ROWS", piece)
+    _, _, features = small
+    for value in (np.nan, -np.inf):
+        f_path = _copy(features, tmp_path, "f.h5")
+        with h5py.File(f_path, "r+") as f:
+            f["features/logmel_db"][9, 2, 10, 5] = value
+            f["features/logmel_db"][11, 0, 0, 0] = np.inf  # later: not the one reported
+        with pytest.raises(HeimdallError) as info:
+            load_features(f_path)
+        msg = str(info.value)
+        assert msg == f"{f_path}: non-finite value in 'features/logmel_db' at index (9, 2, 10, 5)", msg
+
+
+def test_logmel_read_from_a_replaced_or_truncated_file_is_a_one_line_error(small, tmp_path):
+    """A FeatureSet reads its log-mel later: a file replaced (another extract_features) or cut since load_features
+    is refused by name, never read as if it were the one checked."""
+    _, _, features = small
+    f_path = _copy(features, tmp_path, "f.h5")
+    fs = load_features(f_path)
+    first = fs.logmel[np.array([3, 1])]
+    _copy(features, tmp_path, "f.h5")  # same bytes, a new file
+    with pytest.raises(HeimdallError, match="changed since load_features"):
+        fs.logmel[np.array([3, 1])]
+    fs = load_features(f_path)
+    assert np.array_equal(fs.logmel[np.array([3, 1])], first)
+    data = f_path.read_bytes()
+    with open(f_path, "r+b") as f:  # cut in place: the same file, its log-mel gone
+        f.truncate(len(data) // 2)
+    with pytest.raises(HeimdallError) as info:
+        fs.logmel[:]
+    assert str(f_path) in str(info.value) and "\n" not in str(info.value)

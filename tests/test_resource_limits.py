@@ -137,3 +137,35 @@ def test_an_exact_gp_beyond_the_budget_is_refused_and_the_sparse_one_is_bounded(
         check_radio_map(box, radio_map(gp), 7, 64, 100_000, gp_fit_bytes(gp, 100_000))  # within 8 GiB
     assert gp_fit_bytes("sparse", 100_000) == gp_fit_bytes("sparse", 10**7) < 1.1 * 2**30
     assert gp_fit_bytes("auto", 4_000) == gp_fit_bytes("exact", 4_000) < gp_fit_bytes("auto", 100_000)
+
+
+def _logmel_only_file(path, n, r=7, m=64, f=32):
+    """An HDF5 file with just a (n, r, m, f) float32 log-mel dataset, chunked and never written (a few KB on disk):
+    the budget reads the shape alone."""
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("features/logmel_db", (n, r, m, f), "f4", chunks=(64, r, m, f))
+    return path
+
+
+def test_features_budget_does_not_scale_with_the_logmel(tmp_path, monkeypatch):
+    """Issue 21: train / evaluate / export_onnx hold the scalar features of every session and the log-mel of one
+    batch, never the whole log-mel (57 KB per session): 100,000 sessions pass an 8 GiB budget (the old estimate
+    was 10.8 GiB); a huge train.batch_size is still refused, by name."""
+    from heimdall.budget import check_features_file, features_memory
+
+    monkeypatch.setenv("HEIMDALL_MEMORY_BUDGET_GB", "8")
+    small, big = _logmel_only_file(tmp_path / "6k.h5", 6_000), _logmel_only_file(tmp_path / "100k.h5", 100_000)
+    per_session = (features_memory(big)[0] - features_memory(small)[0]) / 94_000
+    assert per_session < 1024  # bytes per session: the scalars (the log-mel is 57,344)
+    assert features_memory(big)[0] < 0.2 * 2**30
+    # 16x the log-mel per session (256 mels x 128 frames: 85 GiB in all) moves only the batch's share
+    assert features_memory(_logmel_only_file(tmp_path / "wide.h5", 100_000, m=256, f=128))[0] < 2**30
+    check_features_file(big, "train", batch_rows=64)  # not refused
+    with pytest.raises(HeimdallError) as e:
+        check_features_file(big, "train", batch_rows=10_000_000)
+    msg = str(e.value)
+    assert "\n" not in msg and "log-mel batches of 10000000 sessions" in msg and "train.batch_size" in msg
+    assert "GiB of memory" in msg and "HEIMDALL_MEMORY_BUDGET_GB" in msg
+    with pytest.raises(HeimdallError, match=r"100000 sessions of scalar features \(evaluate holds them whole\)"):
+        monkeypatch.setenv("HEIMDALL_MEMORY_BUDGET_GB", "0.01")
+        check_features_file(big, "evaluate")

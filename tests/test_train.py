@@ -205,6 +205,43 @@ def test_two_trainings_give_identical_weights(tiny_campaign, tmp_path, monkeypat
         assert (tmp_path / "a/models" / name).read_bytes() == (tmp_path / "b/models" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("include_logmel", [True, False])
+def test_streamed_batches_equal_the_in_memory_tensor_dataset(tiny_campaign, include_logmel):
+    """Issue 21: the DataModule reads each batch's log-mel from features.h5 in one call (SessionBatches); its
+    batches are those of the in-memory TensorDataset it replaced, bit for bit and in the same order (same
+    sampler, generator and seed), over two epochs of one loader as Lightning iterates it: the same model.ckpt."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from heimdall.training import LocalizationDataModule
+
+    _, _, features = tiny_campaign
+    fs = load_features(features)
+    with h5py.File(features, "r") as f:
+        logmel = f["features/logmel_db"][()]
+
+    def eager(idx):  # what training.py built before: every tensor of the split in memory
+        n = len(idx)
+        return TensorDataset(
+            torch.from_numpy(logmel[idx]) if include_logmel else torch.zeros(n, 1, 1, 1),
+            torch.from_numpy(fs.rss_dbm[idx]), torch.from_numpy(fs.snr_db[idx]),
+            torch.from_numpy(fs.present[idx].astype(np.float32)), torch.from_numpy(fs.has_iq[idx].astype(np.float32)),
+            torch.from_numpy(np.tile(np.arange(fs.n_receivers, dtype=np.int64), (n, 1))),
+            torch.from_numpy(fs.target_enu_m[idx].astype(np.float32)))
+
+    dm = LocalizationDataModule(fs, 32, include_logmel, seed=11)
+    old_train = DataLoader(eager(fs.indices("train")), batch_size=32, shuffle=True,
+                           generator=torch.Generator().manual_seed(11), drop_last=False)
+    old_val = DataLoader(eager(fs.indices("val")), batch_size=256, shuffle=False)
+    for new_loader, old_loader, epochs in ((dm.train_dataloader(), old_train, 2), (dm.val_dataloader(), old_val, 1)):
+        for _ in range(epochs):
+            new, old = list(new_loader), list(old_loader)
+            assert len(new) == len(old) == -(-len(old_loader.dataset) // old_loader.batch_size)
+            for a, b in zip(new, old):
+                assert len(a) == len(b) == 7
+                for x, y in zip(a, b):
+                    assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
 def _cli_train(tmp_path, features, capsys, **extra):
     params = write_params(tmp_path / "p.yaml", tiny_params_dict(240, **{**TINY_TRAIN, **extra}))
     ckpt = tmp_path / "out/model.ckpt"

@@ -122,24 +122,46 @@ def check_extract_features(p, n_sessions: int, n_receivers: int, n_samples: int,
                f"{n_sessions} sessions x {r} receivers x n_mels={p.n_mels} x n_frames={p.n_frames} of log-mel")
 
 
-def features_memory(path: Path) -> tuple[float, int]:
-    """(bytes load_features holds, sessions) of a features.h5, from its dataset shapes; (0, 0) if unreadable
-    (the reader then reports what is wrong with the file)."""
+# per (session, receiver) of a features.h5 held in memory: rss, snr (float32), present, has_iq (bool), and the
+# float64 / float32 copies the radio map, baselines and model inputs make of them
+FEATURE_READING_BYTES = 32
+# log-mel copies of the largest batch at once: the H5Rows read block and the batch it fills, the augmented and
+# normalised tensors of the network's first layer
+LOGMEL_BATCH_COPIES = 4
+# log-mel rows a stage reads at once, at least: H5Rows' and load_features' pieces (heimdall.data.READ_ROWS), the
+# validation loader's batch (max(train.batch_size, 256)); evaluation and export batches are 128
+MIN_BATCH_ROWS = 256
+
+
+def _features_parts(path: Path, batch_rows: int) -> tuple[float, float, int]:
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
             n, r, m, fr = f["features/logmel_db"].shape
     except Exception:  # noqa: BLE001 - not this check's business: load_features names the problem
-        return 0.0, 0
-    # the log-mel image and its float32 tensor copies (DataModule, evaluation batches), plus per-reading scalars
-    return float(n) * r * (2 * 4 * m * fr + 32) + n * SESSION_BYTES, n
+        return 0.0, 0.0, 0
+    per_sessions = float(n) * (SESSION_BYTES + FEATURE_READING_BYTES * r)
+    return per_sessions, float(LOGMEL_BATCH_COPIES) * max(batch_rows, MIN_BATCH_ROWS) * r * m * fr * 4, n
 
 
-def check_features_file(path: Path, stage: str) -> None:
-    need, n = features_memory(path)
-    check_memory(f"{path}: {n} sessions of log-mel ({stage} loads them whole)", need,
-                 "fewer sessions or a smaller extract_features.n_mels / n_frames")
+def features_memory(path: Path, batch_rows: int = MIN_BATCH_ROWS) -> tuple[float, int]:
+    """(bytes load_features and the stages' batches hold, sessions) of a features.h5, from its dataset shapes;
+    (0, 0) if unreadable (the reader then reports what is wrong with the file). The log-mel is not held: it
+    is read by batches of at most max(``batch_rows``, 256) sessions (heimdall.data.H5Rows)."""
+    per_sessions, per_batch, n = _features_parts(path, batch_rows)
+    return per_sessions + per_batch, n
+
+
+def check_features_file(path: Path, stage: str, batch_rows: int = MIN_BATCH_ROWS) -> None:
+    """The features a stage holds (scalars of every session, log-mel of one batch) against the budget."""
+    per_sessions, per_batch, n = _features_parts(path, batch_rows)
+    if per_sessions >= per_batch:
+        what, fix = f"{path}: {n} sessions of scalar features ({stage} holds them whole)", "fewer sessions"
+    else:
+        what = f"{path}: log-mel batches of {max(batch_rows, MIN_BATCH_ROWS)} sessions ({stage})"
+        fix = "a smaller train.batch_size, or extract_features.n_mels / n_frames"
+    check_memory(what, per_sessions + per_batch, fix)
 
 
 # per map cell: tabulation (coordinates, float64 means, float32 grids) per receiver, and per session of a

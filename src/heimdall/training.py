@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from heimdall.atomic import save_figure, write_csv
 from heimdall.data import FeatureSet
@@ -88,12 +88,31 @@ class LocalizationModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-def _dataset(features: FeatureSet, idx: np.ndarray, include_logmel: bool) -> TensorDataset:
-    inputs = list(features.model_inputs(idx))
-    if not include_logmel:  # RSS-only model: do not carry 350 MB of spectrograms around
-        inputs[0] = torch.zeros(len(idx), 1, 1, 1)
-    target = torch.from_numpy(features.target_enu_m[idx].astype(np.float32))
-    return TensorDataset(*inputs, target)
+class SessionBatches(Dataset):
+    """The model inputs and target of sessions ``idx`` (positions 0..len-1), fetched a whole batch at once:
+    the DataLoader hands ``__getitems__`` the batch's positions (torch >= 2.1), and the log-mel rows are read
+    from features.h5 in one call (FeatureSet.logmel, an H5Rows). The batches are those TensorDataset + the
+    default collate made from the same positions, bit for bit (tests/test_train.py). ``include_logmel=False``
+    (an RSS-only model): a (B, 1, 1, 1) zero placeholder, nothing read from the file."""
+
+    def __init__(self, features: FeatureSet, idx: np.ndarray, include_logmel: bool):
+        self.features, self.idx, self.include_logmel = features, np.asarray(idx), include_logmel
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitems__(self, positions: list[int]) -> list[torch.Tensor]:
+        rows = self.idx[np.asarray(positions, dtype=np.int64)]
+        inputs = self.features.model_inputs(rows, logmel=self.include_logmel)
+        return [*inputs, torch.from_numpy(self.features.target_enu_m[rows].astype(np.float32))]
+
+    def __getitem__(self, position: int) -> list[torch.Tensor]:
+        return [t[0] for t in self.__getitems__([position])]
+
+
+def _batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """collate_fn: SessionBatches.__getitems__ already returns the batch (module level: picklable)."""
+    return batch
 
 
 class LocalizationDataModule(L.LightningDataModule):
@@ -105,15 +124,17 @@ class LocalizationDataModule(L.LightningDataModule):
         self.batch_size = min(batch_size, n_train)
         self.include_logmel = include_logmel
         self.seed = seed
-        self.train_set = _dataset(features, features.indices("train"), include_logmel)
-        self.val_set = _dataset(features, features.indices("val"), include_logmel)
+        self.train_set = SessionBatches(features, features.indices("train"), include_logmel)
+        self.val_set = SessionBatches(features, features.indices("val"), include_logmel)
 
     def train_dataloader(self):
+        # the sampler and its generator as with the TensorDataset this replaced: the same batches in the same order
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False,
+                          collate_fn=_batch)
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False, collate_fn=_batch)
 
 
 def write_learning_curve(plots_dir: Path, history: list[dict]) -> list[Path]:

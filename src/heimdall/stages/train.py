@@ -82,7 +82,7 @@ def run(params: Params, features_path: Path, ckpt_path: Path, metrics_path: Path
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
 
-    check_features_file(features_path, "train")
+    check_features_file(features_path, "train", tp.batch_size)
     features = load_features(features_path)
     if params.model.inputs in ("spectrogram", "both") and not features.has_iq.any():
         raise HeimdallError(f"model.inputs: '{params.model.inputs}' needs spectrograms but {features_path} has no IQ; "
