@@ -174,7 +174,7 @@ GRID_EVAL_BATCH = 128  # sessions per evaluation batch (FeatureSet.input_batches
 
 def check_radio_map(bounds_m, radio_map, n_receivers: int, batch_size: int, n_train: int = 0,
                     gp_fit_bytes: float = 0.0) -> None:
-    """The GP fit over ``n_train`` training sessions (``gp_fit_bytes``: heimdall.kriging.gp_fit_bytes) and the
+    """The GP fit over ``n_train`` training sessions (``gp_fit_bytes``: heimdall.gp.gp_fit_bytes) and the
     radio-map grid (the training targets' box + margin at spacing) against the budget, before fitting."""
     check_memory(f"train.radio_map.gp={radio_map.gp}: a GP fit over up to {n_train:,} training readings per receiver",
                  gp_fit_bytes, "train.radio_map.gp: sparse (memory bounded by its inducing points), or fewer sessions")

@@ -226,8 +226,12 @@ def sparse_gp(x_km, e, signal_std, length_km, noise_std, loo_index=None, max_ind
     return gp, fitted, loo
 
 
+def uses_sparse(gp: str, n_readings: int) -> bool:
+    """Whether a receiver with ``n_readings`` training readings gets the sparse GP (``gp``: auto | exact | sparse)."""
+    return gp == "sparse" or (gp == "auto" and n_readings > EXACT_GP_MAX_READINGS)
+
+
 def gp_fit_bytes(gp: str, n_readings: int, max_inducing: int = DEFAULT_MAX_INDUCING) -> float:
     """Peak bytes of one receiver's GP fit with ``n_readings`` readings (``gp`` as fit_kriged_map's): the
     n x n (exact) or at most max_inducing² (sparse) system and its factor's working copy."""
-    exact = gp == "exact" or (gp == "auto" and n_readings <= EXACT_GP_MAX_READINGS)
-    return 2 * 8.0 * float(n_readings if exact else max_inducing) ** 2
+    return 2 * 8.0 * float(max_inducing if uses_sparse(gp, n_readings) else n_readings) ** 2

@@ -15,12 +15,12 @@ import numpy as np
 from heimdall.errors import HeimdallError
 from heimdall.gp import (
     DEFAULT_MAX_INDUCING,
-    EXACT_GP_MAX_READINGS,
     GP_METHODS,
     ResidualGP,
     exact_gp,
     fit_gp_hyperparameters,
     sparse_gp,
+    uses_sparse,
 )
 from heimdall.radiomap import (
     DEFAULT_FIT_MIN_SNR_DB,
@@ -167,10 +167,9 @@ def _fit_kriged_map(rss, present, rx_enu, pos, snr, min_snr_db, anchor_offset_db
             hyper_idx = rng.choice(n_r, n_hyper_subsample, replace=False) if it == 0 and n_r > n_hyper_subsample \
                 else None
             loo_index = rng.choice(n_r, min(n_loo, n_r), replace=False) if last else None
-            sparse = gp_method == "sparse" or (gp_method == "auto" and n_r > EXACT_GP_MAX_READINGS)
-            jobs.append(delayed(_fit_receiver)(pos_km[rows], e_all[rows, r], hyper[r], hyper_idx, loo_index, sparse,
-                                               max_inducing))
-        results = Parallel(n_jobs=n_jobs)(jobs) if n_jobs != 1 else [job[0](*job[1], **job[2]) for job in jobs]
+            jobs.append(delayed(_fit_receiver)(pos_km[rows], e_all[rows, r], hyper[r], hyper_idx, loo_index,
+                                               uses_sparse(gp_method, n_r), max_inducing))
+        results = Parallel(n_jobs=n_jobs)(jobs)  # n_jobs=1: in this process, one after the other
         gps = []
         for r, (hyper[r], gp, fitted, loo, var) in enumerate(results):
             gps.append(gp)
