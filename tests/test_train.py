@@ -155,7 +155,7 @@ def test_calibration_uses_a_bounded_seeded_subset_of_a_large_validation_split(ti
     _, _, features = tiny_campaign
     fs = load_features(features)
     va = fs.indices("val")
-    np.testing.assert_array_equal(calibration.calibration_sessions(fs), va)  # 36 <= 4,000: all of them
+    np.testing.assert_array_equal(calibration.calibration_sessions(fs), va)  # 36 <= CALIBRATION_MAX_SESSIONS: all of them
     monkeypatch.setattr(calibration, "CALIBRATION_MAX_SESSIONS", 10)
     subset = calibration.calibration_sessions(fs)
     assert len(subset) == 10 and np.all(np.diff(subset) > 0) and np.isin(subset, va).all()

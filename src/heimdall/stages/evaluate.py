@@ -17,7 +17,7 @@ import numpy as np
 
 from heimdall import baselines, regions, tracking
 from heimdall.atomic import md5_file, write_json
-from heimdall.calibration import model_grid, model_grid_cells
+from heimdall.calibration import calibration_sessions, model_grid, model_grid_cells
 from heimdall.checkpoint import check_features_match, load_checkpoint
 from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.budget import check_features_file
@@ -138,7 +138,7 @@ def search_regions(model: LocalizationNet, features, idx: np.ndarray, mean: np.n
         def oracle_logits(rows):
             return baselines.map_log_posterior(true_db, sigma, features.rss_dbm[rows], features.present[rows])
 
-        va = features.indices("val")
+        va = calibration_sessions(features)  # the sessions the model's regions were calibrated on
         val_truth, _ = model_grid_cells(model, features.target_enu_m[va])
         tau = regions.choose_region_temperature(oracle_logits(va), val_truth)["temperature"]
         mass = regions.conformal_masses(oracle_logits(va), val_truth, tau, levels)
