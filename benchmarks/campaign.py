@@ -2,6 +2,7 @@
 the oracle's, on the synthetic default (issue 21: 6,000 / 24,000 / 100,000 sessions).
 
     python benchmarks/campaign.py [--sessions 6000 24000 100000] [--duration-s 0.25 ...] [--workdir DIR]
+                                  [--keep benchmarks/results/campaign.json]
 
 For each size, params.yaml with `export_sessions.n_sessions` (and, given, `export_sessions.duration_s`:
 shorter IQ for large campaigns) overridden runs `heimdall export-sessions`, `extract-features`, `train`,
@@ -78,7 +79,7 @@ def campaign(n: int, duration_s: float | None, work: Path, progress=lambda stage
     timings = json.loads((models / "metrics/train.timings.json").read_text())
     regions = test["search_regions"]
     return {
-        "sessions": n, "duration_s": p.export_sessions.duration_s, "n_test": test["n_test"],
+        "measured": time.strftime("%Y-%m-%d %H:%M"), "sessions": n, "duration_s": p.export_sessions.duration_s, "n_test": test["n_test"],
         "epochs": train["epochs"], "radio_map_fit_s": round(timings["radio_map_fit_s"], 1),
         "stages": stages,
         "total_s": round(sum(s["wall_s"] for s in stages.values()), 1),
@@ -93,37 +94,12 @@ def campaign(n: int, duration_s: float | None, work: Path, progress=lambda stage
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--sessions", nargs="+", type=int, default=[6000, 24000, 100000])
-    ap.add_argument("--duration-s", nargs="+", type=float, default=None,
-                    help="export_sessions.duration_s per size (one value, or one per --sessions; default params.yaml's)")
-    ap.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temp dir)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/campaign.json)")
-    args = ap.parse_args()
-    durations = args.duration_s or [None]
-    if len(durations) == 1:
-        durations = durations * len(args.sessions)
-    if len(durations) != len(args.sessions):
-        ap.error("--duration-s: give one value or one per --sessions")
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="heimdall-campaign-"))
-    rows = []
-    try:
-        for n, dur in zip(args.sessions, durations):
-            # the stages measured so far are saved as they finish: a run stopped mid-way keeps them
-            rows.append(campaign(n, dur, work, lambda st: B.save("campaign", {"rows": rows, "partial": {n: st}},
-                                                                  args.out)))
-            B.save("campaign", {"rows": rows}, args.out)  # after every size: a long run keeps what it measured
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-
+def print_table(rows: list[dict]) -> None:
+    """The campaign table (rows in size order; "vs first": ms per session against the smallest size's)."""
     base = rows[0]["total_s"] / rows[0]["sessions"]
     headers = ["sessions", "IQ s", *[f"{v} s" for v in STAGES], "total min", "ms/session", "vs first",
                "peak RSS GiB", "epochs", "median km", "oracle median km", "median / oracle", "mean km",
-               "oracle mean km", "kNN median km", "90% region km²", "oracle 90% km²"]
+               "oracle mean km", "kNN median km", "90% region km²", "90% coverage", "oracle 90% km²"]
     print(B.table(headers, [[
         r["sessions"], r["duration_s"], *[r["stages"][v]["wall_s"] for v in STAGES], f"{r['total_s'] / 60:.1f}",
         f"{1e3 * r['total_s'] / r['sessions']:.1f}", f"{r['total_s'] / r['sessions'] / base:.2f}",
@@ -132,8 +108,45 @@ def main() -> None:
         f"{r['model']['median_error_m'] / r['oracle']['median_error_m']:.2f}",
         f"{r['model']['mean_error_m'] / 1e3:.1f}", f"{r['oracle']['mean_error_m'] / 1e3:.1f}",
         f"{r['knn']['median_error_m'] / 1e3:.2f}", f"{r['p90_region_km2']['model']:,.0f}",
-        f"{r['p90_region_km2']['oracle']:,.0f}"] for r in rows]))
-    print(f"wrote {B.save('campaign', {'rows': rows}, args.out)}")
+        f"{r['p90_region_km2']['model_coverage']:.3f}", f"{r['p90_region_km2']['oracle']:,.0f}"] for r in rows]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--sessions", nargs="+", type=int, default=[6000, 24000, 100000])
+    ap.add_argument("--duration-s", nargs="+", type=float, default=None,
+                    help="export_sessions.duration_s per size (one value, or one per --sessions; default params.yaml's)")
+    ap.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/campaign.json)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="a campaign.json whose rows of other sizes are kept beside this run's (sizes measured "
+                         "in separate runs; each row says when it was measured)")
+    args = ap.parse_args()
+    durations = args.duration_s or [None]
+    if len(durations) == 1:
+        durations = durations * len(args.sessions)
+    if len(durations) != len(args.sessions):
+        ap.error("--duration-s: give one value or one per --sessions")
+    kept = [r for r in (json.loads(args.keep.read_text())["rows"] if args.keep else [])
+            if r["sessions"] not in args.sessions]
+
+    def merged(rows):
+        return sorted(kept + rows, key=lambda r: r["sessions"])
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="heimdall-campaign-"))
+    rows = []
+    try:
+        for n, dur in zip(args.sessions, durations):
+            # the stages measured so far are saved as they finish: a run stopped mid-way keeps them
+            rows.append(campaign(n, dur, work, lambda st: B.save("campaign", {"rows": merged(rows),
+                                                                              "partial": {n: st}}, args.out)))
+            B.save("campaign", {"rows": merged(rows)}, args.out)  # after every size: a long run keeps what it measured
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(merged(rows))
+    print(f"wrote {B.save('campaign', {'rows': merged(rows)}, args.out)}")
 
 
 if __name__ == "__main__":
