@@ -324,3 +324,42 @@ def test_student_t_likelihood_is_not_outvoted_by_one_receiver_whose_gain_moved(n
         assert float(power) == pytest.approx(10.0, abs=0.5)
     else:
         assert miss_m > 5e3
+
+
+def test_misfit_widens_the_likelihood_and_with_posterior_the_network_prior_too():
+    """Map readings at one cell (σ = 2 dB), then the same with two receivers 20 dB off (gains that
+    moved): no cell explains them (best cell's χ²/dof = k > 1). ``none`` keeps the sharp likelihood;
+    ``scale`` divides its cost by k (best cost = dof); ``posterior`` then tempers the whole posterior by
+    k: cost / k², the network's prior covariance × k. Readings the map explains (k ≤ 1) are left alone."""
+    radio_map, rx = _map()
+    truth = 200
+    clean = (radio_map["mean_db"][:, truth] + 10.0)[None]
+    moved = clean.clone()
+    moved[0, [1, 4]] += 20.0
+    present, rid = torch.ones(1, R), torch.arange(R)[None]
+    models = {}
+    for misfit in ("none", "scale", "posterior"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_receivers=R, n_mels=M, n_frames=F_, inputs="scalars", cnn_width=4, cnn_depth=2,
+                          cnn_pool=2, d_model=16, n_heads=2, n_layers=1, misfit=misfit)
+        models[misfit] = LocalizationNet(cfg, torch.cat([rx, torch.zeros(R, 1)], 1), _norm(), radio_map).eval()
+    logmel, snr, has_iq = torch.zeros(1, R, M, F_), torch.zeros(1, R), torch.zeros(1, R)
+    with torch.no_grad():
+        out = {m: (model.prior_and_cost(logmel, moved, snr, present, has_iq, rid), model(logmel, moved, snr, present,
+                   has_iq, rid)) for m, model in models.items()}
+        same = {m: model.prior_and_cost(logmel, clean, snr, present, has_iq, rid) for m, model in models.items()}
+    (_, prior_cov, raw), _ = out["none"]
+    dof = R - 1
+    k = float(raw.min()) / dof
+    assert k > 10.0  # two 20 dB misfits at σ = 2 dB: nothing explains them
+    (_, scale_cov, scaled), scale_out = out["scale"]
+    torch.testing.assert_close(scaled, raw / k)
+    torch.testing.assert_close(scale_cov, prior_cov)
+    (_, post_cov, post_cost), post_out = out["posterior"]
+    torch.testing.assert_close(post_cost, raw / k**2)
+    torch.testing.assert_close(post_cov, prior_cov * k)
+    # the published Gaussian widens: the network's prior no longer pins a posterior nothing explains
+    assert float(torch.linalg.det(post_out[1])) > 1.2 * float(torch.linalg.det(scale_out[1]))
+    for m in ("scale", "posterior"):
+        for a, b in zip(same[m], same["none"]):
+            torch.testing.assert_close(a, b)

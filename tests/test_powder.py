@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, tiny_params_dict, train_and_evaluate, write_params
+from conftest import FAST_EXPORT, REPO_ROOT, tiny_params_dict, train_and_evaluate, write_params
 from heimdall.db.connect import Database
 from heimdall.db.powder import import_powder, read_receivers, read_samples
 from heimdall.errors import HeimdallError
 from heimdall.params import load_params
-from heimdall.stages import export_sessions, extract_features
+from heimdall.stages import export_onnx, export_sessions, extract_features
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +173,10 @@ def test_export_features_train_on_powder(powder_db, tmp_path, monkeypatch):
         assert np.isfinite(test[key])
     assert test["mean_error_m"] < 0.8 * centroid, (test["mean_error_m"], centroid)
     assert test["baselines"]["knn"]["mean_error_m"] < centroid
+    # the preset's model (misfit: posterior widens the network's prior inside the graph) exports
+    # through the parity gate (every test session, ONNX Runtime against PyTorch)
+    assert preset["model.misfit"] == "posterior"
+    export_onnx.run(tmp_path / "model.ckpt", features, tmp_path / "model.onnx", tmp_path / "metrics/onnx.json",
+                    **FAST_EXPORT)
+    parity = json.loads((tmp_path / "metrics/onnx.json").read_text())
+    assert parity["parity"]["n_sessions"] == len(te), parity

@@ -18,7 +18,7 @@ from heimdall.contracts import RELIABILITY_LEVELS
 from heimdall.data import FeatureSet
 from heimdall.evaluation import ellipse_coverage, gaussian_metrics, mahalanobis_sq
 from heimdall.model import LocalizationNet
-from heimdall.runner import estimate, grid_log_posterior
+from heimdall.runner import grid_log_posterior
 
 # 1e6: the likelihood is effectively off (posterior = the network's Gaussian on the grid): lets the
 # validation split choose "trust the network" where the learned map is weak (real campus data).
@@ -70,12 +70,13 @@ def calibrate_refinement(model: LocalizationNet, features: FeatureSet) -> dict:
     validation sessions never touched the map or the network weights, so this is honest.
     """
     va = calibration_sessions(features)
-    prior_mean, prior_cov = estimate(model, features.input_batches(va), network_only=True)
     target = features.target_enu_m[va]
     chunks = [slice(s, s + 128) for s in range(0, len(va), 128)]
-    # the likelihood cost does not depend on the four constants: compute it once
-    costs = [model.likelihood_cost(x[1], x[3], x[5]) for x in features.input_batches(va, 128)]
-    pm, pc = torch.from_numpy(prior_mean).float(), torch.from_numpy(prior_cov).float()
+    # the network's prior and the likelihood cost do not depend on the four constants: compute them once
+    model.eval()
+    parts = [model.prior_and_cost(*x) for x in features.input_batches(va, 128)]
+    pm, pc = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    costs = [p[2] for p in parts]
     best = (math.inf, 1.0, 1.0)
     table = []
     for temp in TEMPERATURES:

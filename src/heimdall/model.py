@@ -66,7 +66,9 @@ class ModelConfig:
     # areas without training sessions, where a direct regressor extrapolates poorly).
     head: str = "direct"
     # "scale": when no cell explains the readings (best cell's chi-square per degree of freedom > 1, e.g.
-    # a receiver's gain moved), divide the likelihood cost by that ratio (a per-session noise scale)
+    # a receiver's gain moved), divide the likelihood cost by that ratio (a per-session noise scale);
+    # "posterior": that, and the whole posterior (likelihood, fingerprints, the network's prior) tempered by
+    # the same ratio: the map and the network are both wrong about this session, not only the noise
     misfit: str = "none"
     # > 0: evidence from this many nearest training fingerprints joins the posterior (calibrated fp_weight)
     fingerprint_k: int = 0
@@ -86,8 +88,8 @@ class LocalizationNet(nn.Module):
             raise ValueError(f"model.inputs must be spectrogram, scalars or both, got {c.inputs!r}")
         if c.head not in ("direct", "receivers"):
             raise ValueError(f"model.head must be direct or receivers, got {c.head!r}")
-        if c.misfit not in ("none", "scale") or not c.likelihood_nu >= 0:
-            raise ValueError(f"model.misfit must be none or scale (got {c.misfit!r}), likelihood_nu >= 0")
+        if c.misfit not in ("none", "scale", "posterior") or not c.likelihood_nu >= 0:
+            raise ValueError(f"model.misfit must be none, scale or posterior (got {c.misfit!r}), likelihood_nu >= 0")
         n = normalization
         # Positions are normalised with one isotropic scale so covariances stay metric.
         pos_scale = torch.sqrt((n["target_std_m"].double() ** 2).mean()).float()
@@ -228,7 +230,23 @@ class LocalizationNet(nn.Module):
         return torch.stack([self.grid_east_m, self.grid_north_m], 1)
 
     def likelihood_cost(self, rss_dbm, present, receiver_id):
-        """(B, G) chi-square of the readings at every grid cell, TX power profiled out."""
+        """(B, G) chi-square of the readings at every grid cell, TX power profiled out (and, with the
+        options, widened by the misfit, with the map's variance and the fingerprint evidence)."""
+        return self._cost_and_misfit(rss_dbm, present, receiver_id)[0]
+
+    def prior_and_cost(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
+        """The posterior's two parts: the network's Gaussian prior (mean (B, 2), covariance (B, 2, 2),
+        ENU metres) and the likelihood cost (B, G). With ``misfit: posterior`` the prior covariance is
+        widened by the session's misfit ratio k (the cost is already tempered by k: likelihood_cost)."""
+        prior_mean, prior_cov = self.network_metric(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
+        cost, ratio = self._cost_and_misfit(rss_dbm, present, receiver_id)
+        if self.config.misfit == "posterior":
+            prior_cov = prior_cov * ratio[..., None]
+        return prior_mean, prior_cov, cost
+
+    def _cost_and_misfit(self, rss_dbm, present, receiver_id):
+        """(likelihood cost (B, G), misfit ratio (B, 1): the best cell's chi-square per degree of
+        freedom, at least 1; None with ``misfit: none``)."""
         # Every present reading counts, weak ones too: "this receiver barely hears it" is information
         # (measured: dropping readings below 10 dB SNR doubled the oracle's median error).
         present, nu = self._mapped(present, receiver_id), self.config.likelihood_nu
@@ -245,20 +263,27 @@ class LocalizationNet(nn.Module):
         # prior, flat inside the training sessions' power range and Gaussian (3 dB) outside.
         outside = F.relu(self.power_range_dbm[0] - power) + F.relu(power - self.power_range_dbm[1])
         cost = chi2 + (outside / 3.0) ** 2
-        if self.config.misfit == "scale":
+        ratio = None
+        if self.config.misfit != "none":
             # The map's σ was fitted where it was trained. Readings that no cell explains (a receiver's
             # gain moved, another season) would otherwise make a confidently wrong posterior: estimate
             # the session's noise scale from the best cell's misfit per degree of freedom (TX power is
             # one fitted parameter) and widen by it; never sharpen (a scale below 1 stays 1).
             dof = (present.float().sum(1, keepdim=True) - 1.0).clamp_min(1.0)
-            cost = cost / (cost.min(1, keepdim=True).values / dof).clamp_min(1.0)
+            ratio = (cost.min(1, keepdim=True).values / dof).clamp_min(1.0)
+            cost = cost / ratio
         if self.has_map_var:  # the likelihood's normalisation Σ log σ² differs between cells
             cost = cost + (present[..., None] * var.log()).sum(1)
         if self.has_fingerprints:
             # fp_weight · log evidence in the posterior, written as a cost (logits = −cost / 2T)
             cost = cost - (2.0 * self.likelihood_temperature * self.fp_weight) * self.fingerprint_evidence(
                 rss_dbm, present, receiver_id)
-        return cost
+        if self.config.misfit == "posterior":
+            # Temper the whole posterior by k too (prior_and_cost widens the prior): a gain that moved
+            # biases the best cell, and the network read the same readings. Measured on the POWDER family
+            # (docs/model.md "Misfit"): April held out 2σ coverage 0.38 -> 0.84 at the same mean error.
+            cost = cost / ratio
+        return cost, ratio
 
     def fingerprint_evidence(self, rss_dbm, present, receiver_id):
         """(B, G) log evidence of every cell from the ``fingerprint_k`` training sessions nearest in
@@ -339,21 +364,18 @@ class LocalizationNet(nn.Module):
         probabilities (B, G) (``region_probability``); the modes (``posterior_modes``). Needs a map."""
         if not self.has_map:
             raise ValueError("search regions and modes need the radio map (a model without one has only its Gaussian)")
-        prior_mean, prior_cov = self.network_metric(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
+        prior_mean, prior_cov, cost = self.prior_and_cost(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
         east, north = self.grid_east_m[None], self.grid_north_m[None]
-        cost = self.likelihood_cost(rss_dbm, present, receiver_id)
         logits = self._posterior_logits(cost, prior_mean, prior_cov, east, north)
         mean, cov = self._gaussian_summary(logits, east, north)
         prob = self.region_probability(logits)
         return (mean, cov, prob, *self.posterior_modes(prob))
 
-    def refine(self, prior_mean, prior_cov, rss_dbm, present, receiver_id):
-        """Posterior over the map grid: RSS likelihood (TX power profiled out) x network prior."""
-        return self.posterior(self.likelihood_cost(rss_dbm, present, receiver_id), prior_mean, prior_cov)
-
     def forward(self, logmel, rss_dbm, snr_db, present, has_iq, receiver_id):
-        """-> position_enu_m (B, 2), covariance_m2 (B, 2, 2)."""
-        mean, cov = self.network_metric(logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
-        if self.has_map:
-            mean, cov = self.refine(mean, cov, rss_dbm, present, receiver_id)
-        return mean, cov
+        """-> position_enu_m (B, 2), covariance_m2 (B, 2, 2): the posterior's Gaussian summary (a model
+        without a map: the network's Gaussian)."""
+        inputs = (logmel, rss_dbm, snr_db, present, has_iq, receiver_id)
+        if not self.has_map:
+            return self.network_metric(*inputs)
+        prior_mean, prior_cov, cost = self.prior_and_cost(*inputs)
+        return self.posterior(cost, prior_mean, prior_cov)

@@ -265,9 +265,10 @@ class ModelParams(_Section):
     n_layers: int = Field(ge=0, le=12)
     dropout: float = Field(ge=0, lt=1)
     head: Literal["direct", "receivers"] = "direct"  # mean: regressed, or receivers' weighted centroid + offset
-    # readings no map cell explains: "none" (trust the map's σ), or "scale" (widen the posterior by the
-    # best cell's misfit per degree of freedom when above 1; docs/model.md "Misfit")
-    misfit: Literal["none", "scale"] = "none"
+    # readings no map cell explains: "none" (trust the map's σ), "scale" (widen the likelihood by the best
+    # cell's misfit per degree of freedom when above 1) or "posterior" (widen the network's prior by it
+    # too; docs/model.md "Misfit")
+    misfit: Literal["none", "scale", "posterior"] = "none"
     # nearest training sessions whose positions add fingerprint evidence to the posterior (0: off)
     fingerprint_k: int = Field(default=0, ge=0, le=64)
     # > 0: Student-t readings with this many degrees of freedom, so one reading far from the map (a gain

@@ -14,8 +14,7 @@ def grid_log_posterior(model: LocalizationNet, input_batches):
     temperature 1) over the model's map grid (needs a map)."""
     model.eval()
     for inputs in input_batches:
-        mean, cov = model.network_metric(*inputs)
-        cost = model.likelihood_cost(inputs[1], inputs[3], inputs[5])
+        mean, cov, cost = model.prior_and_cost(*inputs)
         yield model.posterior_logits(cost, mean, cov).double().numpy()
 
 

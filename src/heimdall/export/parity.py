@@ -90,8 +90,8 @@ def _near_tie_reference(model: LocalizationNet, inputs, graph_pos: np.ndarray, r
     differs = torch.from_numpy(~(np.abs(graph_pos - ref_pos).max(1) <= 0.1))
     if not differs.any():
         return 0
-    prior_mean, prior_cov = model.network_metric(*inputs)
-    logits = model.posterior_logits(model.likelihood_cost(inputs[1], inputs[3], inputs[5]), prior_mean, prior_cov)
+    prior_mean, prior_cov, cost = model.prior_and_cost(*inputs)
+    logits = model.posterior_logits(cost, prior_mean, prior_cov)
     best = logits.max(1, keepdim=True).values
     tied = logits >= best - NEAR_TIE_REL * best.abs().clamp_min(1.0)  # (B, G), the best cell included
     gp = torch.from_numpy(np.nan_to_num(graph_pos, nan=0.0)).float()
